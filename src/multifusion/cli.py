@@ -13,5 +13,78 @@ def main() -> None:
     """MultiFusion command line."""
 
 
+@app.command()
+def describe(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the prompts that would be sent, how many are cached and a token estimate; send nothing."),
+    show_prompts: bool = typer.Option(True, "--show-prompts/--no-prompts", help="With --dry-run: print each prompt's full text."),
+    classes: str = typer.Option("data/prepared/classes.json", "--classes", help="Ordered class names (written by the prepare stage)."),
+    prompts: str = typer.Option("prompts", "--prompts", help="Directory of templates, classes file and curated texts."),
+    cache: str = typer.Option("data/llm/cache", "--cache", help="Parquet response cache."),
+    out: str = typer.Option("data/descriptions.parquet", "--out", help="Descriptions table to write."),
+    metrics: str = typer.Option("metrics/llm.json", "--metrics", help="Counts of requests, cache hits, failures, tokens."),
+    params: str = typer.Option("params.yaml", "--params", help="Parameters file (section llm)."),
+    set_: list[str] = typer.Option([], "--set", "-S", help="Override a parameter, e.g. -S llm.provider=openai."),
+) -> None:
+    """Write the class descriptions (the describe stage), or preview them with --dry-run."""
+    import os
+
+    import yaml
+
+    from multifusion.config import ConfigError, load_config
+    from multifusion.llm import describe as run_describe
+    from multifusion.llm import dry_run as plan_dry_run
+    from multifusion.llm import format_dry_run, read_classes, write_outputs
+
+    try:
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in set_)}
+        cfg = load_config(params, overrides)
+        names = read_classes(classes)
+        if dry_run:
+            typer.echo(format_dry_run(plan_dry_run(cfg.llm, names, prompts, cache, os.environ), show_prompts))
+            return
+        result = run_describe(cfg.llm, names, prompts, cache, os.environ)
+    except (ValueError, RuntimeError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    write_outputs(result, out, metrics)
+    typer.echo(f"{out}: {len(result.table)} descriptions; {result.metrics['requests_sent']} requests sent, {result.metrics['cache_hits']} cache hits")
+
+
+@app.command()
+def predict(
+    paths: list[str] = typer.Argument(..., help="Micrograph files, folders (recursive) and glob patterns."),
+    model: str = typer.Option("models/hnf", "--model", help="Directory of a trained model (config.json + model.safetensors)."),
+    out: str = typer.Option("predictions.csv", "--out", help="CSV to write: one row per file."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Classes per row (default: params predict.top_k)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Flag rows whose top-1 probability is below this (default: params predict.uncertain_threshold)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: params predict.batch_size)."),
+    contact_sheet: str | None = typer.Option(None, "--contact-sheet", help="PNG grid of the least certain images with their top predictions."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
+) -> None:
+    """Classify micrographs with a trained model; unreadable files are listed, never fatal."""
+    from multifusion.predict import predict_paths, predict_settings
+
+    try:
+        settings = predict_settings(model, params)
+        result = predict_paths(
+            model, paths, out,
+            top_k=top_k or settings.top_k,
+            uncertain_threshold=settings.uncertain_threshold if threshold is None else threshold,
+            batch_size=batch_size or settings.batch_size,
+            device=device,
+            contact_sheet=contact_sheet,
+            contact_sheet_size=settings.contact_sheet,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    uncertain = int((result.table["uncertain"] == True).sum())  # noqa: E712 (column mixes bools and "")
+    typer.echo(f"{out}: {result.n_read} classified ({uncertain} uncertain), {result.n_failed} unreadable")
+    if result.n_read == 0:
+        typer.echo("error: no file could be read; see the error column of the CSV", err=True)
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":
     app()

@@ -64,6 +64,8 @@ class LLMConfig:
     max_tokens: int
     timeout: float
     max_retries: int
+    backoff: float
+    backoff_max: float
     templates: list[str]
     classes_file: str
 
@@ -80,9 +82,13 @@ class TextConfig:
     steps: int
     batch_size: int
     lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_clip: float
     mask_prob: float
     whole_word_mask: bool
     heldout: float
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class ODEConfig:
     steps: int
     t1: float
     adjoint: bool
+    rtol: float
+    atol: float
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class GraphConfig:
     k: int
     cheb_k: int
     layers: int
+    lambda_max: float | None
 
 
 @dataclass(frozen=True)
@@ -142,12 +151,47 @@ class TrainConfig:
     patience: int
     compile: bool
     num_workers: int
+    device: str
+    grad_clip: float
     augment: AugmentConfig
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     ece_bins: int
+    batch_size: int
+    device: str
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    models: list[str]                          # baselines and ablations the comparison trains
+    ablations: dict[str, dict[str, Any]]       # ablation name -> dotted params overrides
+    robustness: bool
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    top_k: int
+    batch_size: int
+    uncertain_threshold: float
+    contact_sheet: int
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    seed: int
+    batch_size: int
+    gaussian_noise: list[float]
+    poisson_noise: list[float]
+    defocus_blur: list[float]
+    contrast: list[float]
+    brightness: list[float]
+    jpeg_quality: list[int]
+    rotation: list[int]
+    zoom_in: list[float]
+    zoom_out: list[float]
+    info_bar: list[float]
 
 
 @dataclass(frozen=True)
@@ -162,6 +206,9 @@ class Config:
     fusion: FusionConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    predict: PredictConfig
+    robustness: RobustnessConfig
+    compare: CompareConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,149 @@
+"""Throughput of `multifusion predict` beside a plain-PyTorch ResNet-18 screening loop.
+
+    python bench/predict.py                      # 1,000 synthetic 1024x768 micrographs, CPU (+ CUDA if visible)
+    python bench/predict.py --n 200 --cli        # fewer files, also time the CLI end to end
+
+Both paths decode every file with the same preprocessing (``load_micrograph`` with the
+model's data section: grey, info-bar crop, square, resize) and normalise with
+``to_model_input``. The peer is the simplest loop a user would write: decode one file at a
+time, then one batched forward pass of engineer F's plain-PyTorch ResNet-18. The model is
+``--model`` if it exists, else an untrained HNF built from params.yaml (throughput does
+not depend on the weights). Prints a table with images/s and the ratio to the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multifusion.checkpoint import load_model, save_model
+from multifusion.config import load_config
+from multifusion.data.dataset import to_model_input
+from multifusion.data.ingest import load_micrograph
+from multifusion.evaluate import predict_probs
+from multifusion.model import build_model
+from multifusion.model.baselines import build_baseline
+from multifusion.predict import predict_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_micrographs(folder: Path, n: int, width: int, height: int, suffix: str) -> list[Path]:
+    """n grey SEM-like images (smooth texture + shot-like noise, black info bar with text)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bases = []
+    for i in range(8):
+        fx, fy = rng.uniform(0.01, 0.08, 2)
+        bases.append(120 + 70 * np.sin(xx * fx + i) * np.cos(yy * fy - i))
+    bar = max(8, height // 12)
+    paths = []
+    for i in range(n):
+        image = bases[i % 8] + rng.normal(0, 10, (height, width)).astype(np.float32)
+        image[-bar:] = 0
+        image[-bar // 2 - 3 : -bar // 2 + 3, 20 : width // 3 : 7] = 255  # "text"
+        path = folder / f"shot_{i:04d}{suffix}"
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def resnet_loop(model: torch.nn.Module, paths: list[Path], cfg, batch_size: int, device: str) -> None:
+    """The peer: sequential decode, then batched forward + softmax."""
+    for start in range(0, len(paths), batch_size):
+        images = np.stack([load_micrograph(p, cfg.data) for p in paths[start : start + batch_size]])  # (B, S, S)
+        x = to_model_input(images).to(device)  # (B, 1, S, S)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            model(x).float().softmax(dim=1).cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--format", default=".tif", choices=[".tif", ".png"])
+    parser.add_argument("--model", default=str(ROOT / "models/hnf"))
+    parser.add_argument("--cli", action="store_true", help="also time the `multifusion predict` command")
+    args = parser.parse_args()
+
+    cfg = load_config(ROOT / "params.yaml")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        model_dir = Path(args.model)
+        if not (model_dir / "config.json").is_file():
+            model_dir = tmp_path / "hnf_untrained"
+            num_classes = 10
+            text = random_text(cfg, num_classes) if cfg.fusion.text else None
+            model = build_model(cfg, num_classes, text)
+            save_model(model_dir, model, cfg, [f"class_{i}" for i in range(num_classes)], text, 1.0, "hnf")
+        loaded = load_model(model_dir)
+        cfg_model, classes = loaded.cfg, loaded.classes
+        S, batch = cfg_model.data.image_size, cfg.predict.batch_size
+        folder = tmp_path / "shots"
+        folder.mkdir()
+        print(f"writing {args.n} synthetic {args.width}x{args.height} {args.format} micrographs ...", flush=True)
+        paths = write_micrographs(folder, args.n, args.width, args.height, args.format)
+        decoded = np.stack([load_micrograph(p, cfg_model.data) for p in paths[:batch]])  # (B, S, S) warm-up
+        decode_s = timed(lambda: [load_micrograph(p, cfg_model.data) for p in paths])
+        images = np.stack([decoded] * (args.n // batch + 1))[: args.n].reshape(-1, S, S)  # (n, S, S)
+
+        rows = [("decode only (load_micrograph, 1 thread)", "cpu", args.n / decode_s, None)]
+        for device in devices:
+            hnf = load_model(model_dir, device=device)
+            resnet = build_baseline("resnet18", len(classes), S).to(device).eval()
+            predict_probs(hnf.model, images[:batch], batch, device)  # warm-up
+            resnet_loop(resnet, paths[:batch], cfg_model, batch, device)
+            peer_s = timed(lambda: resnet_loop(resnet, paths, cfg_model, batch, device))
+            ours_s = timed(lambda: predict_paths(model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5,
+                                                 batch_size=batch, device=device, progress=False))
+            hnf_fwd = timed(lambda: predict_probs(hnf.model, images, batch, device))
+            with torch.no_grad():
+                res_fwd = timed(lambda: [resnet(to_model_input(images[i : i + batch]).to(device)).cpu()
+                                         for i in range(0, args.n, batch)])
+            rows += [
+                ("ResNet-18 plain loop (peer)", device, args.n / peer_s, 1.0),
+                ("multifusion predict (library)", device, args.n / ours_s, peer_s / ours_s),
+                ("  forward only: HNF", device, args.n / hnf_fwd, None),
+                ("  forward only: ResNet-18", device, args.n / res_fwd, None),
+            ]
+            if args.cli:
+                cmd = [sys.executable, "-m", "multifusion.cli", "predict", "--model", str(model_dir), str(folder),
+                       "--out", str(tmp_path / "c.csv"), "--device", device, "--params", str(ROOT / "params.yaml")]
+                cli_s = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
+                rows.append(("multifusion predict (CLI, incl. start-up)", device, args.n / cli_s, peer_s / cli_s))
+
+    print(f"\n{args.n} images {args.width}x{args.height}{args.format} -> {S}x{S}, batch {batch}, "
+          f"torch threads {torch.get_num_threads()}, model {model_dir.name}")
+    print(f"{'pipeline':44s} {'device':6s} {'images/s':>10s} {'vs peer':>8s}")
+    for name, device, rate, ratio in rows:
+        print(f"{name:44s} {device:6s} {rate:10.1f} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")
+
+
+def random_text(cfg, num_classes: int):
+    """Random text features of a plausible shape, for an untrained text-fused model."""
+    from multifusion.text.features import TextFeatures
+
+    T, L, D = num_classes * len(cfg.llm.templates), 32, cfg.text.hidden
+    return TextFeatures(torch.randn(T, L, D), torch.ones(T, L, dtype=torch.bool), torch.randn(T, D),
+                        [f"class_{i % num_classes}" for i in range(T)], ["t"] * T, [0] * T)
+
+
+if __name__ == "__main__":
+    main()

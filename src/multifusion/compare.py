@@ -1,0 +1,100 @@
+"""One run of the comparison: a baseline or a MultiFusion ablation, trained and scored
+exactly as the main model (same prepared splits, ``train`` section, augmentation, loop).
+
+    cfg_run = variant_config(cfg, "mf_no_text")        # params + the ablation's overrides
+    metrics = run_comparison("resnet18", cfg, "data/prepared", "data/text_features",
+                             "models/compare/resnet18", "checkpoints/compare/resnet18",
+                             "dvclive/compare/resnet18")
+
+Names: the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
+swin_tiny, vig) and the keys of ``compare.ablations`` in params.yaml (e.g. mf_no_text:
+``{fusion.text: false}``), each a set of dotted overrides on top of params.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from multifusion.checkpoint import load_model
+from multifusion.config import Config, apply_overrides, config_from_dict
+from multifusion.data.dataset import load_prepared
+from multifusion.evaluate import evaluate_split
+from multifusion.model import build_model
+from multifusion.model.baselines import BASELINES, build_baseline
+from multifusion.text.features import TextFeatures
+from multifusion.train import fit, resolve_device
+
+
+def check_name(name: str, cfg: Config) -> None:
+    if name not in BASELINES and name not in cfg.compare.ablations:
+        choices = ", ".join([*BASELINES, *cfg.compare.ablations])
+        raise ValueError(f"compare: unknown model '{name}'; choose one of {choices} (or add it to compare.ablations in params.yaml)")
+
+
+def variant_config(cfg: Config, name: str) -> Config:
+    """``cfg`` with the ablation's dotted overrides applied (unchanged for a baseline)."""
+    check_name(name, cfg)
+    overrides = cfg.compare.ablations.get(name, {})
+    return config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)))
+
+
+def build_variant(name: str, cfg_run: Config, num_classes: int, text: TextFeatures | None) -> nn.Module:
+    """A baseline (1 input channel, at data.image_size) or MultiFusion under ``cfg_run``."""
+    if name in BASELINES:
+        return build_baseline(name, num_classes, cfg_run.data.image_size)
+    return build_model(cfg_run, num_classes, text if cfg_run.fusion.text else None)
+
+
+def mean_shifted_top1(result: dict[str, Any]) -> float:
+    """Accuracy averaged over every shift and severity of an ``evaluate_under_shifts`` result."""
+    accs = [entry["accuracy"] for per in result["shifts"].values() for entry in per.values()]
+    return float(np.mean(accs)) if accs else float("nan")
+
+
+def run_comparison(
+    name: str,
+    cfg: Config,
+    prepared_dir: str | Path,
+    text_dir: str | Path,
+    model_dir: str | Path,
+    checkpoint_dir: str | Path,
+    live_dir: str | Path,
+) -> dict[str, Any]:
+    """Train ``name`` with ``multifusion.train.fit``, score it on the test split; returns the
+    metrics (the keys of ``classification_metrics`` plus run facts). With
+    ``compare.robustness`` it also writes ``model_dir/robustness.json``."""
+    cfg_run = variant_config(cfg, name)
+    prepared = load_prepared(prepared_dir)
+    text = TextFeatures.load(text_dir) if name not in BASELINES and cfg_run.fusion.text else None
+    torch.manual_seed(cfg_run.seed)  # the initial weights are part of the run, as in `train`
+    model = build_variant(name, cfg_run, len(prepared.classes), text)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    started = time.perf_counter()
+    fit(model, cfg_run, prepared_dir, model_dir, checkpoint_dir, live_dir, name, text=text)
+    train_seconds = time.perf_counter() - started
+
+    loaded = load_model(model_dir)  # what a user gets from models/compare/<name>: the saved best weights
+    device = resolve_device(cfg_run.evaluate.device)
+    loaded.model.to(device)
+    metrics, _, _, _ = evaluate_split(
+        loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins
+    )
+    metrics = {"model": name, **metrics, "params": int(n_params), "train_seconds": round(train_seconds, 1)}
+    if cfg.compare.robustness:
+        from multifusion.robustness import evaluate_under_shifts
+
+        test = prepared.split_indices("test")
+        result = evaluate_under_shifts(
+            loaded.model, np.asarray(prepared.images[test]), prepared.labels(test), cfg_run, loaded.temperature, str(device)
+        )
+        (Path(model_dir) / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
+        metrics["shifted_top1"] = mean_shifted_top1(result)
+    return metrics

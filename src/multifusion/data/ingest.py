@@ -1,0 +1,256 @@
+"""Read micrograph folders and turn each file into the square grey image models see.
+
+``load_micrograph`` is the exact preprocessing of the ``prepare`` stage, used again at
+prediction time: decode (tif/tiff/png/jpg/jpeg/bmp; 8/16-bit; grey, RGB, RGBA, palette)
+-> grey uint8 -> crop the burnt-in info bar -> centre crop or pad to a square
+(``data.aspect``) -> resize to ``data.image_size``. A file that cannot be used raises
+:class:`ImageError` whose message is one line with the reason and the fix.
+
+``scan_folder`` finds the labelled files of an NFFA-style folder (``<root>/<Class>/*``)
+or of one already split (``<root>/{train,val,test}/<Class>/*``, kept as given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from multifusion.config import DataConfig
+from multifusion.data.infobar import find_info_bar
+from multifusion.data.split import SPLITS, perceptual_hash
+
+IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+Image.MAX_IMAGE_PIXELS = None  # the pixel limit is data.max_pixels, checked before decoding
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as a micrograph; the message is one line."""
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Grey array of any depth -> uint8; deeper than 8 bits is stretched min..max."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    array = array.astype(np.float64)
+    lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+    scaled = (array - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(array)
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def _grey_from_pil(image: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> 2-D array (uint8 for 8-bit modes, wider for 16/32-bit)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.asarray(image)
+    if image.mode == "L":
+        return np.asarray(image)
+    if image.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "LAB", "HSV", "1", "RGBX", "La"):
+        image = image.convert("RGB")
+    return np.asarray(image.convert("L"))
+
+
+def _check_size(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageError(f"{path}: {w}x{h} = {w * h} pixels is over data.max_pixels={max_pixels} "
+                         "(decompression bomb?); raise data.max_pixels if the file is genuine")
+
+
+def _grey_from_tifffile(path: Path, max_pixels: int) -> np.ndarray:
+    """TIFFs PIL cannot decode (16-bit RGB, float, multi-sample) via tifffile: first page."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        _check_size(path, int(page.imagewidth), int(page.imagelength), max_pixels)
+        array = np.asarray(page.asarray())
+    if array.ndim == 3:  # (H, W, samples) -> luma of the first 3
+        rgb = array[..., :3].astype(np.float64)
+        array = rgb @ np.array([0.299, 0.587, 0.114]) if rgb.shape[-1] == 3 else rgb[..., 0]
+    return array
+
+
+def _decode(path: Path, max_pixels: int) -> np.ndarray:
+    """PIL first; TIFFs it cannot handle go to tifffile. Raises on any failure."""
+    is_tiff = path.suffix.lower() in (".tif", ".tiff")
+    try:
+        with Image.open(path) as image:
+            _check_size(path, *image.size, max_pixels)
+            image.load()
+            return _grey_from_pil(image)
+    except ImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- retried below for TIFF, else re-raised
+        if not is_tiff or "truncat" in str(err).lower():
+            raise
+        try:
+            return _grey_from_tifffile(path, max_pixels)
+        except ImageError:
+            raise
+        except Exception:  # noqa: BLE001 -- report PIL's reason, the primary decoder's
+            raise err from None
+
+
+def decode_grey(path: str | Path, max_pixels: int) -> np.ndarray:
+    """Decode any supported image file to grey uint8 (H, W), or raise ImageError."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes); remove it or copy it again")
+    try:
+        array = _decode(path, max_pixels)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised content despite its {path.suffix} extension); "
+                         "remove it") from None
+    except Exception as err:  # noqa: BLE001 -- any decoder failure is a bad file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageError(f"{path}: corrupt or truncated image ({reason}); re-export or remove it") from None
+    if array.ndim != 2 or min(array.shape) == 0:
+        raise ImageError(f"{path}: decoded to shape {array.shape}, not a 2-D image; re-export it as grey or RGB")
+    return _to_uint8(array)
+
+
+def to_square(grey: np.ndarray, aspect: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """(image, centred square box (left, top, right, bottom) in it). aspect='crop' boxes
+    the largest centred square; aspect='pad' pads with the median grey to a square."""
+    h, w = grey.shape
+    if aspect == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return grey, (left, top, left + side, top + side)
+    side = max(h, w)
+    square = np.full((side, side), np.median(grey), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top:top + h, left:left + w] = grey
+    return square, (0, 0, side, side)
+
+
+class Preprocessed(NamedTuple):
+    image: np.ndarray  # uint8 (S, S): what models see
+    reduced: np.ndarray  # uint8 (>= 3S, >= 3S): the box-averaged square, for hashing
+    bar_rows: int  # rows of info bar cropped from the bottom
+
+
+def preprocess(grey: np.ndarray, data: DataConfig, name: str = "image") -> Preprocessed:
+    """Grey uint8 (H, W) -> info bar cropped, squared, resized to data.image_size.
+
+    Resizing is an integer box reduction of the square to at least 3x the size, then
+    Lanczos: antialiased, and done by PIL on the crop box without copying the image.
+    Raises ImageError (naming ``name``) when the micrograph without its bar is smaller
+    than data.image_size: models never see upsampled micrographs."""
+    h, w = grey.shape
+    rows = find_info_bar(grey) if data.infobar == "auto" else h
+    if min(rows, w) < data.image_size:
+        raise ImageError(f"{name}: {w}x{rows} after cropping the info bar is smaller than data.image_size="
+                         f"{data.image_size}; use the full-size original or lower data.image_size")
+    source, box = to_square(grey[:rows] if data.aspect == "pad" else grey, data.aspect)
+    if data.aspect == "crop":  # the square box lies above the bar
+        side = min(rows, w)
+        left, top = (w - side) // 2, (rows - side) // 2
+        box = (left, top, left + side, top + side)
+    factor = (box[2] - box[0]) // (3 * data.image_size)
+    image = Image.fromarray(np.ascontiguousarray(source))
+    reduced = image.reduce(factor, box=box) if factor > 1 else image.crop(box)
+    resized = reduced.resize((data.image_size, data.image_size), Image.Resampling.LANCZOS)
+    return Preprocessed(np.asarray(resized), np.asarray(reduced), h - rows)
+
+
+def load_micrograph(path: str | Path, data: DataConfig) -> np.ndarray:
+    """The file at ``path`` as ``prepare`` stores it: uint8 (S, S), S = data.image_size."""
+    return preprocess(decode_grey(path, data.max_pixels), data, str(path)).image
+
+
+@dataclass
+class Record:
+    """One decoded file: the prepared image and what splitting needs, or the error."""
+
+    path: str
+    image: np.ndarray | None = None  # uint8 (S, S)
+    sha256: str = ""  # of the decoded grey pixels (and their shape)
+    phash: int = 0
+    width: int = 0
+    height: int = 0
+    bar_rows: int = 0
+    error: str = ""
+
+
+def prepare_file(path: str, data: DataConfig) -> Record:
+    """Decode and preprocess one file; never raises for a bad file (the error is kept)."""
+    try:
+        grey = decode_grey(path, data.max_pixels)
+        out = preprocess(grey, data, path)
+    except (ImageError, OSError) as err:
+        return Record(path=path, error=str(err).removeprefix(f"{path}: "))
+    digest = hashlib.sha256(np.asarray(grey.shape, np.int64).tobytes())
+    digest.update(np.ascontiguousarray(grey).data)
+    # The hash of the box-reduced square (>= 3x image_size): its 32x32 average is nearly noise-free.
+    return Record(path=path, image=out.image, sha256=digest.hexdigest(), phash=perceptual_hash(out.reduced),
+                  width=grey.shape[1], height=grey.shape[0], bar_rows=out.bar_rows)
+
+
+def prepare_files(paths: list[str], data: DataConfig, progress: bool = True) -> Iterator[Record]:
+    """``prepare_file`` over all paths on data.workers processes (0 = all cores), in order."""
+    workers = data.workers or os.cpu_count() or 1
+    work = partial(prepare_file, data=data)
+    bar = tqdm(total=len(paths), desc="prepare", unit="img", disable=not progress)
+    if workers == 1 or len(paths) < 2 * workers:
+        for path in paths:
+            yield work(path)
+            bar.update()
+    else:
+        with Pool(workers) as pool:
+            for record in pool.imap(work, paths, chunksize=max(1, min(32, len(paths) // (8 * workers)))):
+                yield record
+                bar.update()
+    bar.close()
+
+
+@dataclass
+class Scan:
+    """Labelled files found under a root, and what was passed over with the reason."""
+
+    files: list[tuple[str, str, str | None]] = field(default_factory=list)  # (path, class, given split)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_folder(root: str | Path) -> Scan:
+    """Find ``<root>/<Class>/*`` or ``<root>/{train,val,test}/<Class>/*`` image files.
+
+    Raises FileNotFoundError when root is missing. Files at the top level (README,
+    LICENSE) are ignored; other files in class folders are skipped with a reason."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data root does not exist; set data.root in params.yaml "
+                                "(or run `dvc repro synthesize` for the default synthetic set)")
+    top = _class_dirs(root)
+    split_dirs = {p.name.lower(): p for p in top if p.name.lower() in SPLITS}
+    layout = [(split_dirs[s], s) for s in SPLITS if s in split_dirs] if split_dirs else [(root, None)]
+    scan = Scan()
+    for folder, split in layout:
+        for class_dir in _class_dirs(folder):
+            found = 0
+            for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    scan.files.append((str(path), class_dir.name, split))
+                    found += 1
+                else:
+                    scan.skipped.append({"path": str(path), "reason": f"unsupported extension '{path.suffix}' "
+                                         f"(use one of {', '.join(IMAGE_EXTENSIONS)})"})
+            if found == 0:
+                scan.skipped.append({"path": str(class_dir), "reason": "empty class folder: no image files; "
+                                     "add images or remove the folder"})
+    return scan

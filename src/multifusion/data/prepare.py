@@ -1,0 +1,140 @@
+"""The ``prepare`` stage's work: a folder of labelled micrographs -> a split, model-ready set.
+
+Writes to ``out_dir``:
+- ``images.npy``: uint8 (N, S, S) in manifest order (``np.load(..., mmap_mode="r")``);
+- ``manifest.parquet``: id, path, sha256, label, class_name, split, group, width,
+  height, bar_rows, phash;
+- ``classes.json``: the ordered class names (``label`` indexes it);
+- ``report.json``: scanned, kept, skipped [{path, reason}], duplicates
+  [{path, duplicate_of}], per-class and per-split counts, grouping figures.
+Bad files are skipped with a logged one-line reason; :class:`PrepareError` is raised
+only when no usable data or fewer than 2 classes remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from multifusion.config import DataConfig
+from multifusion.data.ingest import Record, prepare_files, scan_folder
+from multifusion.data.split import SPLITS, assign_splits, near_duplicate_pairs, pattern_pairs, union_groups
+
+log = logging.getLogger("multifusion.prepare")
+
+
+class PrepareError(RuntimeError):
+    """The folder gives no usable data set; the message says why and what to do."""
+
+
+def _keep_unique(records: list[Record]) -> tuple[list[int], list[dict[str, str]]]:
+    """Indices of records kept (first of each pixel-identical set) and the duplicates."""
+    first: dict[str, int] = {}
+    kept, duplicates = [], []
+    for i, record in enumerate(records):
+        if record.sha256 in first:
+            original = records[first[record.sha256]].path
+            duplicates.append({"path": record.path, "duplicate_of": original})
+            log.info("duplicate %s: same pixels as %s; kept once", record.path, original)
+        else:
+            first[record.sha256] = i
+            kept.append(i)
+    return kept, duplicates
+
+
+def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, seed: int,
+                    progress: bool = True) -> dict[str, Any]:
+    """Scan, decode, de-duplicate, group and split ``root``; write ``out_dir``; return the report."""
+    start = time.perf_counter()
+    root, out_dir = Path(root), Path(out_dir)
+    try:
+        scan = scan_folder(root)
+    except FileNotFoundError as err:
+        raise PrepareError(str(err)) from None
+    skipped = list(scan.skipped)
+    for item in skipped:
+        log.warning("skip %s: %s", item["path"], item["reason"])
+    if not scan.files:
+        raise PrepareError(f"{root}: no image files found in <root>/<Class>/ or <root>/{{train,val,test}}/<Class>/; "
+                           "point data.root at a folder of class sub-folders")
+    paths = [p for p, _, _ in scan.files]
+    records = list(prepare_files(paths, data, progress=progress))
+    good = []
+    for (path, class_name, split), record in zip(scan.files, records):
+        if record.error:
+            skipped.append({"path": path, "reason": record.error})
+            log.warning("skip %s: %s", path, record.error)
+        else:
+            good.append((record, class_name, split))
+    kept_idx, duplicates = _keep_unique([r for r, _, _ in good])
+    good = [good[i] for i in kept_idx]
+
+    found_classes = sorted({c for _, c, _ in scan.files})
+    classes = sorted({c for _, c, _ in good})
+    for lost in sorted(set(found_classes) - set(classes)):
+        log.warning("class %s dropped: none of its files could be used (see report.json 'skipped')", lost)
+    if not good:
+        raise PrepareError(f"{root}: no usable images ({len(skipped)} skipped, see the messages above)")
+    if len(classes) < 2:
+        raise PrepareError(f"{root}: only {len(classes)} class with usable images ({', '.join(classes)}); "
+                           "a classifier needs at least 2 class folders")
+
+    labels = np.array([classes.index(c) for _, c, _ in good], dtype=np.int64)  # (N,)
+    hashes = np.array([r.phash for r, _, _ in good], dtype=np.uint64)  # (N,)
+    names = [Path(r.path).name for r, _, _ in good]
+    pairs = near_duplicate_pairs(hashes, data.near_duplicate_bits) + pattern_pairs(names, data.group_pattern)
+    groups = union_groups(len(good), pairs)
+    given = [s for _, _, s in good]
+    ratios = {"train": data.split.train, "val": data.split.val, "test": data.split.test}
+    splits = assign_splits(labels, groups, ratios, seed, given if any(given) else None)
+
+    manifest = pd.DataFrame({
+        "id": [Path(r.path).relative_to(root).as_posix() for r, _, _ in good],
+        "path": [r.path for r, _, _ in good],
+        "sha256": [r.sha256 for r, _, _ in good],
+        "label": labels,
+        "class_name": [c for _, c, _ in good],
+        "split": splits,
+        "group": groups,
+        "width": [r.width for r, _, _ in good],
+        "height": [r.height for r, _, _ in good],
+        "bar_rows": [r.bar_rows for r, _, _ in good],
+        "phash": [f"{r.phash:016x}" for r, _, _ in good],
+    })
+    images = np.stack([r.image for r, _, _ in good])  # (N, S, S) uint8
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "images.npy", images)
+    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    (out_dir / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    group_splits = manifest.groupby("group")["split"].nunique()
+    group_sizes = manifest["group"].value_counts()
+    report = {
+        "root": str(root),
+        "scanned": len(scan.files) + sum(1 for s in scan.skipped if Path(s["path"]).is_file()),
+        "kept": len(manifest),
+        "skipped": skipped,
+        "duplicates": duplicates,
+        "classes": {c: int(n) for c, n in sorted(Counter(manifest["class_name"]).items())},
+        "dropped_classes": sorted(set(found_classes) - set(classes)),
+        "splits": {s: {c: int(n) for c, n in sorted(Counter(manifest.loc[manifest["split"] == s, "class_name"]).items())}
+                   for s in SPLITS},
+        "given_splits": bool(any(given)),
+        "groups": int(manifest["group"].nunique()),
+        "near_duplicate_groups": int((group_sizes > 1).sum()),
+        "largest_group": int(group_sizes.max()),
+        "groups_across_splits": int((group_splits > 1).sum()),
+        "infobar_cropped": int((manifest["bar_rows"] > 0).sum()),
+        "image_size": data.image_size,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log.info("prepared %d of %d files, %d classes -> %s", report["kept"], report["scanned"], len(classes), out_dir)
+    return report

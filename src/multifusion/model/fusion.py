@@ -1,0 +1,122 @@
+"""Text side and cross-modal fusion heads.
+
+Text: the token states of every class description (T, L, D_text) are held as persistent,
+non-trainable buffers (the state_dict carries them); attention pooling under the token
+mask gives one vector per description, projected to the visual width: (T, C). Every
+image sees all T descriptions of all classes, whatever its label (no label leakage).
+
+Heads (``fusion.mode`` / ``fusion.text``):
+- ``CrossModalHead`` (mha): multi-head cross-attention both ways between the visual
+  tokens (B, L, C) (the h_fus of every HNF layer) and the text embeddings (T, C)
+  broadcast to the batch; the pooled results of both sides -> classifier.
+- ``ConcatHead`` (concat, "simple fusion"): [top h_fus, mean text] -> MLP.
+- ``VisualHead`` (text off): top h_fus -> linear classifier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multifusion.model.ode import Attention
+
+MODES = ("mha", "concat")
+
+
+class AttentionPool(nn.Module):
+    """Learned-query attention pooling over tokens under a mask.
+
+    x (T, L, D), mask (T, L) bool (True = real token) -> (T, D). Scores are x . q: a key
+    projection before a single query would fold into q (W^T q), so it is left out. A row
+    with no real token (a zeros placeholder before load_state_dict) pools uniformly.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = x @ self.query / math.sqrt(x.shape[-1])  # (T, L)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1)  # (T, L)
+        return torch.einsum("tl,tld->td", weights, x)  # (T, D)
+
+
+class TextEmbedding(nn.Module):
+    """Stored description token states -> text embeddings (T, C), the same for every image."""
+
+    def __init__(self, token_states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("token_states", token_states.detach().float().clone(), persistent=True)  # (T, L, D_t)
+        self.register_buffer("attention_mask", attention_mask.detach().bool().clone(), persistent=True)  # (T, L)
+        d_text = token_states.shape[-1]
+        self.pool = AttentionPool(d_text)
+        self.proj = nn.Linear(d_text, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self) -> torch.Tensor:
+        return self.norm(self.proj(self.pool(self.token_states, self.attention_mask)))  # (T, C)
+
+
+class CrossModalHead(nn.Module):
+    """Bidirectional cross-attention between visual tokens and text, then a classifier.
+
+    visual (B, L, C), text (T, C) -> logits (B, num_classes).
+    """
+
+    def __init__(self, dim: int, heads: int, num_layers: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.layer_embed = nn.Parameter(torch.zeros(num_layers, dim))  # which HNF layer a token came from
+        nn.init.trunc_normal_(self.layer_embed, std=0.02)
+        self.norm_v = nn.LayerNorm(dim)
+        self.norm_t = nn.LayerNorm(dim)
+        self.visual_to_text = Attention(dim, heads, dropout)  # visual queries attend to text
+        self.text_to_visual = Attention(dim, heads, dropout)  # text queries attend to visual
+        self.norm = nn.LayerNorm(2 * dim)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        v = visual + self.layer_embed  # (B, L, C)
+        t = text.unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C): identical for every image
+        v_n, t_n = self.norm_v(v), self.norm_t(t)
+        v = v + self.visual_to_text(v_n, t_n)  # (B, L, C)
+        t = t + self.text_to_visual(t_n, v_n)  # (B, T, C)
+        pooled = torch.cat([v.mean(1), t.mean(1)], dim=-1)  # (B, 2C)
+        return self.classifier(self.drop(self.norm(pooled)))
+
+
+class ConcatHead(nn.Module):
+    """Simple fusion: [top-layer h_fus, mean text embedding] -> MLP -> logits.
+
+    visual (B, L, C), text (T, C) -> (B, num_classes).
+    """
+
+    def __init__(self, dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.fc = nn.Linear(2 * dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        top = visual[:, -1]  # (B, C)
+        fused = torch.cat([top, text.mean(0).expand_as(top)], dim=-1)  # (B, 2C)
+        return self.classifier(self.drop(F.gelu(self.fc(self.norm(fused)))))
+
+
+class VisualHead(nn.Module):
+    """No text: top-layer h_fus -> LayerNorm -> dropout -> linear. (B, L, C) -> (B, classes)."""
+
+    def __init__(self, dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classifier(self.drop(self.norm(visual[:, -1])))

@@ -1,0 +1,142 @@
+"""MultiFusion: Hierarchical Network Fusion over patch sequences and patch graphs, fused
+with the class-description text by cross-modal attention.
+
+Per HNF layer l = 1..L (patch sizes coarse to fine):
+  tokens_l = patch embedding at p_l + 2-D positions                        (B, N_l, C)
+  sequence: [CLS_l; tokens_l] -> bidirectional ODE | transformer | none -> h_CLS(l)  (B, C)
+  graph:    kNN(tokens_l) + virtual node VN_l -> Chebyshev convs -> e_VN(l)           (B, C)
+  MoE gate: h_fus(l) = MoE(h_CLS(l), e_VN(l))                                         (B, C)
+  CLS_{l+1} = cls_{l+1} + h_fus(l);  VN_{l+1} = vn_{l+1} + h_fus(l)
+forward_features: x (B, 1, S, S) -> [h_fus(1) .. h_fus(L)] (B, L, C)
+forward_head:     (B, L, C) -> logits (B, num_classes), through the text fusion head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from multifusion.config import Config
+from multifusion.model.fusion import MODES, ConcatHead, CrossModalHead, TextEmbedding, VisualHead
+from multifusion.model.graph import PatchGraphEncoder
+from multifusion.model.moe import MoEGate
+from multifusion.model.ode import BidirectionalODE, build_sequence_encoder
+from multifusion.model.patch_embed import HierarchicalPatchEmbed, derive_patch_sizes
+
+
+class HNFLayer(nn.Module):
+    """One HNF layer: sequence branch and/or graph branch, fused by the MoE gate.
+
+    tokens (B, N, C), seed (B, C) (h_fus of the layer below; zeros for the first)
+    -> h_fus (B, C).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        hnf, dim = cfg.hnf, cfg.hnf.dim
+        # sequence_encoder none + graph on = graph only; with the graph off, 'none' keeps a
+        # sequence branch that pools the embedded tokens (a bag-of-patches model).
+        self.use_sequence = hnf.sequence_encoder != "none" or not hnf.graph
+        self.use_graph = hnf.graph
+        self.pools_tokens = hnf.sequence_encoder == "none"
+        if self.use_sequence:
+            self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+            nn.init.trunc_normal_(self.cls, std=0.02)
+            self.sequence = build_sequence_encoder(hnf)
+        if self.use_graph:
+            self.virtual = nn.Parameter(torch.zeros(1, dim))
+            nn.init.trunc_normal_(self.virtual, std=0.02)
+            g = cfg.graph
+            self.graph = PatchGraphEncoder(dim, g.k, g.cheb_k, g.layers, hnf.dropout, g.lambda_max)
+        self.moe = MoEGate(dim, int(self.use_sequence) + int(self.use_graph))
+        self.drop = nn.Dropout(hnf.dropout)
+
+    def forward(self, tokens: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+        branches = []
+        if self.use_sequence:
+            cls = self.cls + seed.unsqueeze(1)  # (B, 1, C)
+            seq = self.sequence(torch.cat([cls, tokens], dim=1))  # (B, 1+N, C)
+            h_cls = seq.mean(1) if self.pools_tokens else seq[:, 0]  # (B, C)
+            branches.append(self.drop(h_cls))
+        if self.use_graph:
+            e_vn = self.graph(tokens, self.virtual + seed)  # (B, C)
+            branches.append(self.drop(e_vn))
+        h_fus, _ = self.moe(branches)
+        return h_fus
+
+
+class MultiFusion(nn.Module):
+    """The HNF model with cross-modal text fusion. x (B, 1, S, S) -> logits (B, num_classes).
+
+    ``text_states`` (T, L, D_t) / ``text_mask`` (T, L) are the descriptions of ALL classes,
+    stored as persistent buffers (None when cfg.fusion.text is false).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        num_classes: int,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        hnf, fusion = cfg.hnf, cfg.fusion
+        if fusion.mode not in MODES:
+            raise ValueError(f"fusion.mode must be one of {MODES}, got {fusion.mode!r}; fix params.yaml")
+        if fusion.text and (text_states is None or text_mask is None):
+            raise ValueError("fusion.text is true but no text features were given; run embed_text or set fusion.text: false")
+        self.num_classes = num_classes
+        self.image_size = cfg.data.image_size
+        self.dim = hnf.dim
+        self.patch_sizes = derive_patch_sizes(cfg.data.image_size, hnf.layers, hnf.patch_sizes)
+        self.embed = HierarchicalPatchEmbed(cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem)
+        self.embed_drop = nn.Dropout(hnf.dropout)
+        self.layers = nn.ModuleList(HNFLayer(cfg) for _ in self.patch_sizes)
+        self.text = TextEmbedding(text_states, text_mask, hnf.dim) if fusion.text else None
+        if not fusion.text:
+            self.head = VisualHead(hnf.dim, num_classes, hnf.dropout)
+        elif fusion.mode == "mha":
+            self.head = CrossModalHead(hnf.dim, fusion.heads, len(self.patch_sizes), num_classes, hnf.dropout)
+        else:
+            self.head = ConcatHead(hnf.dim, num_classes, hnf.dropout)
+        self.apply(_init_weights)
+        for module in self.modules():  # gates start neutral: mean of directions / experts
+            if isinstance(module, (BidirectionalODE, MoEGate)) and getattr(module, "gate", None) is not None:
+                nn.init.zeros_(module.gate.weight)
+                nn.init.zeros_(module.gate.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, S, S) -> visual tokens (B, L, C): h_fus of every HNF layer, coarse to fine."""
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected images (B, 1, {self.image_size}, {self.image_size}), got {tuple(x.shape)}; "
+                "preprocess with multifusion.data.dataset.to_model_input at data.image_size"
+            )
+        seed = x.new_zeros(x.shape[0], self.dim)  # (B, C)
+        fused = []
+        for tokens, layer in zip(self.embed(x), self.layers):
+            seed = layer(self.embed_drop(tokens), seed)  # (B, C)
+            fused.append(seed)
+        return torch.stack(fused, dim=1)  # (B, L, C)
+
+    def text_embeddings(self) -> torch.Tensor | None:
+        """(T, C) embeddings of all class descriptions, or None without text."""
+        return None if self.text is None else self.text()
+
+    def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """visual tokens (B, L, C) -> logits (B, num_classes)."""
+        return self.head(feats, self.text_embeddings())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """timm ViT init: trunc-normal(0.02) linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

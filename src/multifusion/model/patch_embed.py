@@ -1,0 +1,126 @@
+"""Patch tokens at every HNF layer's patch size, with 2-D positional embeddings.
+
+Patch sizes run coarse to fine (the "inverted pyramid"). ``hnf.stem``:
+- ``conv``: one shared convolutional stem (stride-2 3x3 convs) down to a feature map at
+  the finest patch grid, average-pooled to each coarser grid, then a per-layer linear
+  projection. The convolutions give the inductive bias needed to learn from ~1k images.
+- ``linear``: plain patchify + linear per layer (a ViT patch embedding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEMS = ("conv", "linear")
+
+
+def derive_patch_sizes(image_size: int, layers: int, patch_sizes: list[int] | None) -> list[int]:
+    """Patch size of each HNF layer, coarse to fine.
+
+    Given ``hnf.patch_sizes``: checked (one per layer, each dividing data.image_size).
+    Derived: the finest grid is 8 x 8 patches (16 x 16 for 4 layers), each coarser layer
+    halves the grid: layers 1..4 at image 64 -> [8], [16, 8], [32, 16, 8], [32, 16, 8, 4].
+    """
+    if layers < 1:
+        raise ValueError(f"hnf.layers must be >= 1, got {layers}; fix params.yaml")
+    if patch_sizes is not None:
+        if len(patch_sizes) != layers:
+            raise ValueError(
+                f"hnf.patch_sizes has {len(patch_sizes)} entries but hnf.layers is {layers}; "
+                "give one patch size per layer or set hnf.patch_sizes: null"
+            )
+        sizes = list(patch_sizes)
+        for p in sizes:
+            if p < 1 or image_size % p:
+                raise ValueError(
+                    f"hnf.patch_sizes: patch size {p} does not divide data.image_size {image_size}; "
+                    "change hnf.patch_sizes (or data.image_size)"
+                )
+        return sizes
+    finest_grid = 8 * 2 ** max(0, layers - 3)
+    grids = [finest_grid // 2 ** (layers - 1 - l) for l in range(layers)]
+    for g in grids:
+        if image_size % g:
+            raise ValueError(
+                f"data.image_size {image_size} is not divisible by the {g} x {g} patch grid derived for "
+                f"hnf.layers={layers}; set data.image_size to a multiple of {max(grids)} or give hnf.patch_sizes"
+            )
+    return [image_size // g for g in grids]
+
+
+class PositionalEmbedding2d(nn.Module):
+    """Learned 2-D positions: row embedding + column embedding. (B, g*g, C) -> same."""
+
+    def __init__(self, grid: int, dim: int) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.zeros(grid, 1, dim))
+        self.cols = nn.Parameter(torch.zeros(1, grid, dim))
+        nn.init.trunc_normal_(self.rows, std=0.02)
+        nn.init.trunc_normal_(self.cols, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + (self.rows + self.cols).flatten(0, 1)  # (g*g, C) broadcast over B
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ConvStem(nn.Module):
+    """Stride-``stride`` convolutional stem: 1 x S x S -> dim x (S/stride) x (S/stride).
+
+    Stride-2 3x3 convs (GroupNorm, GELU; batch-independent) while the remaining stride is
+    even, then a kernel=stride conv for any odd remainder, then a 1x1 conv to ``dim``.
+    """
+
+    def __init__(self, dim: int, stride: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, c_in, remaining = max(dim // 4, 8), 1, stride
+        while remaining % 2 == 0:
+            layers += [nn.Conv2d(c_in, channels, 3, stride=2, padding=1, bias=False), _norm(channels), nn.GELU()]
+            c_in, channels, remaining = channels, min(channels * 2, dim), remaining // 2
+        if remaining > 1:
+            layers += [nn.Conv2d(c_in, channels, remaining, stride=remaining, bias=False), _norm(channels), nn.GELU()]
+            c_in = channels
+        if c_in == 1:  # stride 1: still give the stem one 3x3 conv
+            layers += [nn.Conv2d(1, channels, 3, padding=1, bias=False), _norm(channels), nn.GELU()]
+            c_in = channels
+        layers.append(nn.Conv2d(c_in, dim, 1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class HierarchicalPatchEmbed(nn.Module):
+    """Image (B, 1, S, S) -> one token sequence per layer: [(B, (S/p_l)^2, C)] with 2-D positions."""
+
+    def __init__(self, image_size: int, patch_sizes: list[int], dim: int, stem: str) -> None:
+        super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"hnf.stem must be one of {STEMS}, got {stem!r}; fix params.yaml")
+        self.stem_kind = stem
+        self.grids = [image_size // p for p in patch_sizes]
+        if stem == "conv":
+            self.stem = ConvStem(dim, min(patch_sizes))
+            self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in patch_sizes)
+        else:
+            self.proj = nn.ModuleList(nn.Conv2d(1, dim, p, stride=p) for p in patch_sizes)
+        self.pos = nn.ModuleList(PositionalEmbedding2d(g, dim) for g in self.grids)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        tokens = []
+        if self.stem_kind == "conv":
+            fmap = self.stem(x)  # (B, C, g_fine, g_fine)
+            for grid, proj, pos in zip(self.grids, self.proj, self.pos):
+                pooled = fmap if fmap.shape[-1] == grid else F.adaptive_avg_pool2d(fmap, grid)  # (B, C, g, g)
+                tokens.append(pos(proj(pooled.flatten(2).transpose(1, 2))))  # (B, g*g, C)
+        else:
+            for proj, pos in zip(self.proj, self.pos):
+                tokens.append(pos(proj(x).flatten(2).transpose(1, 2)))  # (B, g*g, C)
+        return tokens

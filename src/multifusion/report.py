@@ -1,0 +1,199 @@
+"""The results report: our measured table beside the paper's published figures.
+
+Inputs are metric JSON files with the keys of ``multifusion.evaluate.classification_metrics``
+(``top1 .. top5, macro_precision, macro_recall, macro_f1, ece``): ``metrics/eval.json``
+for the full MultiFusion model and ``metrics/compare/<name>.json`` for every baseline and
+ablation. Output: ``reports/results.md`` (two tables), ``reports/summary.json`` (every
+model's scores in one file), ``reports/results.csv`` (bar plots in ``dvc plots show``) and
+two PNG bar charts; the per-model metric files are what ``dvc metrics show`` lists.
+
+    write_report(ours, runs, out_dir, dataset="data/raw/synthetic")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from multifusion.config import Config
+
+FULL = "multifusion"
+TOPK = ("top1", "top2", "top3", "top5")
+PRF = ("macro_precision", "macro_recall", "macro_f1")
+
+# Srinivas, Sannidhi, Runkana, arXiv 2408.13661 (NeurIPS 2023 RO-FoMo), SEM dataset of
+# Aversa et al. 2018 (21,272 images, 10 classes). Facts of the paper, not knobs.
+PAPER_DATASET = "SEM (Aversa et al. 2018), 21,272 images, 10 classes"
+PAPER_TOPK: dict[str, tuple[str, tuple[float, float, float, float]]] = {
+    FULL: ("MultiFusion-LLM (GPT-3.5)", (0.947, 0.965, 0.986, 0.991)),
+    "resnet18": ("ResNet", (0.512, 0.766, 0.891, 0.906)),
+    "resnet50": ("ResNet", (0.512, 0.766, 0.891, 0.906)),
+    "swin_tiny": ("SwinT", (0.675, 0.766, 0.891, 0.938)),
+    "vit_small": ("T2T-ViT", (0.702, 0.859, 0.906, 0.938)),
+}
+PAPER_ABLATION: dict[str, tuple[str, tuple[float, float, float]]] = {
+    FULL: ("full", (0.941, 0.945, 0.939)),
+    "mf_single_scale": ("w/o HNF", (0.776, 0.753, 0.745)),
+    "mf_no_text": ("w/o LLM", (0.714, 0.726, 0.721)),
+    "mf_concat": ("w/o MHA (simple fusion)", (0.827, 0.831, 0.823)),
+}
+LABELS = {
+    FULL: "MultiFusion (ours, full)",
+    "resnet18": "ResNet-18",
+    "resnet50": "ResNet-50",
+    "vit_small": "ViT-S",
+    "swin_tiny": "Swin-T",
+    "vig": "ViG-Ti (isotropic)",
+    "mf_single_scale": "w/o HNF (single scale)",
+    "mf_no_text": "w/o LLM text",
+    "mf_concat": "w/o MHA (concat fusion)",
+    "mf_transformer": "Transformer instead of Neural ODE",
+    "mf_no_graph": "w/o patch graph",
+}
+
+
+def is_ablation(name: str) -> bool:
+    return name == FULL or name.startswith("mf_")
+
+
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """One metrics JSON (flat, or nested under "test"); a clear error when keys are missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: metrics file missing; run its stage first (dvc repro)")
+    data = json.loads(path.read_text())
+    if "top1" not in data and isinstance(data.get("test"), dict):
+        data = data["test"]
+    missing = [k for k in TOPK + PRF if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing metric keys {missing}; re-run the stage that writes it")
+    return data
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def topk_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown: one row per model (ours first, then baselines), ours then the paper's top-k."""
+    head = "| model | top-1 | top-2 | top-3 | top-5 | paper: model | paper top-1 | paper top-2 | paper top-3 | paper top-5 |"
+    lines = [head, "|" + "---|" * 10]
+    for name, m in rows.items():
+        paper_name, paper = PAPER_TOPK.get(name, ("–", (None,) * 4))
+        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), paper_name, *(_f(v) for v in paper)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows: dict[str, dict[str, float]]) -> str:
+    """Markdown: full model and each ablation, macro P/R/F1 (+ top-1), the paper's avg P/R/F1."""
+    head = "| variant | top-1 | macro P | macro R | macro F1 | paper: variant | paper P | paper R | paper F1 |"
+    lines = [head, "|" + "---|" * 9]
+    for name, m in rows.items():
+        paper_name, paper = PAPER_ABLATION.get(name, ("–", (None,) * 3))
+        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), paper_name, *(_f(v) for v in paper)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(ours: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
+    """One sentence: does the full model's top-1 reach the best baseline's, and by how much."""
+    if not baselines:
+        return "No baseline results yet."
+    best = max(baselines, key=lambda n: baselines[n]["top1"])
+    gap = ours["top1"] - baselines[best]["top1"]
+    word = "beats" if gap > 0 else ("ties" if gap == 0 else "falls short of")
+    return (
+        f"MultiFusion's top-1 ({ours['top1']:.3f}) {word} the best baseline's "
+        f"({LABELS.get(best, best)}, {baselines[best]['top1']:.3f})" + (f" by {abs(gap):.3f}." if gap else ".")
+    )
+
+
+def render_results(ours: dict[str, float], runs: dict[str, dict[str, float]], dataset: str, date: str) -> str:
+    """The whole reports/results.md text. ``runs``: name -> metrics for baselines and ablations."""
+    baselines = {n: m for n, m in runs.items() if not is_ablation(n)}
+    ablations = {n: m for n, m in runs.items() if is_ablation(n)}
+    n_test = ours.get("n")
+    return "\n".join(
+        [
+            "# MultiFusion: results",
+            "",
+            f"- Dataset: `{dataset}`" + (f" (test split: {int(n_test)} images)" if n_test else ""),
+            f"- Date: {date}",
+            "- Every model is trained from scratch on the same prepared splits, epoch budget and augmentation",
+            "  as `train`, and scored on the test split (temperature-calibrated probabilities).",
+            f"- Published columns: the paper (arXiv 2408.13661) on {PAPER_DATASET}; a different data set,",
+            "  shown for reference, not measured here. T2T-ViT is the paper's nearest row to ViT-S.",
+            "",
+            "## Top-k accuracy",
+            "",
+            topk_table({FULL: ours, **baselines}),
+            "",
+            verdict(ours, baselines),
+            "",
+            "![top-k accuracy](topk.png)",
+            "",
+            "## Ablations (macro precision / recall / F1)",
+            "",
+            ablation_table({FULL: ours, **ablations}),
+            "",
+            "![ablations](ablation.png)",
+            "",
+        ]
+    )
+
+
+def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: str | Path, title: str) -> None:
+    """Grouped bar chart, one group per model, one bar per metric key; PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(rows)
+    x = np.arange(len(names))
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2), 4.0))
+    for i, key in enumerate(keys):
+        ax.bar(x + (i - (len(keys) - 1) / 2) * width, [rows[n][key] for n in names], width, label=key)
+    ax.set_xticks(x, [LABELS.get(n, n) for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=len(keys))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    ours: dict[str, float], runs: dict[str, dict[str, float]], out_dir: str | Path, dataset: str, date: str | None = None
+) -> Path:
+    """Write results.md, summary.json, results.csv, topk.png and ablation.png into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = date or dt.date.today().isoformat()
+    rows = {FULL: ours, **runs}
+    (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date))
+    summary = {name: {k: float(m[k]) for k in TOPK + PRF + ("ece",) if k in m} for name, m in rows.items()}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    csv = ["model,kind," + ",".join(TOPK + PRF)]
+    for name, m in rows.items():
+        kind = "ablation" if is_ablation(name) and name != FULL else ("ours" if name == FULL else "baseline")
+        csv.append(f"{LABELS.get(name, name)},{kind}," + ",".join(f"{m[k]:.4f}" for k in TOPK + PRF))
+    (out_dir / "results.csv").write_text("\n".join(csv) + "\n")
+    plot_bars({FULL: ours, **{n: m for n, m in runs.items() if not is_ablation(n)}}, TOPK, out_dir / "topk.png", "Top-k accuracy, test split")
+    plot_bars({FULL: ours, **{n: m for n, m in runs.items() if is_ablation(n)}}, PRF, out_dir / "ablation.png", "Ablations: macro P / R / F1")
+    return out_dir / "results.md"
+
+
+def collect_runs(compare_dir: str | Path, models: list[str]) -> dict[str, dict[str, float]]:
+    """``metrics/compare/<name>.json`` for every name in ``compare.models``, in that order."""
+    return {name: read_metrics(Path(compare_dir) / f"{name}.json") for name in models}
+
+
+def report_from_files(cfg: Config, eval_json: str | Path, compare_dir: str | Path, out_dir: str | Path) -> Path:
+    """The report stage: read every metrics file named by params, write the report."""
+    return write_report(read_metrics(eval_json), collect_runs(compare_dir, cfg.compare.models), out_dir, cfg.data.root)

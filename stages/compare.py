@@ -1,0 +1,46 @@
+"""Stage compare (comparison/dvc.yaml, one matrix entry per name in compare.models):
+train one baseline or MultiFusion ablation exactly as `train`, score it on the test split.
+
+    python stages/compare.py --model resnet18 --prepared data/prepared --text data/text_features \
+        --out models/compare/resnet18 --checkpoints checkpoints/compare/resnet18 \
+        --live dvclive/compare/resnet18 --metrics metrics/compare/resnet18.json
+
+Writes the weights + config (models/compare/<name>/, loadable with
+multifusion.checkpoint.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
+params, train_seconds and, with compare.robustness, shifted_top1) and dvclive curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from multifusion.compare import run_comparison
+from multifusion.config import load_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a baseline or a key of compare.ablations")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--text", type=Path, default=Path("data/text_features"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+
+    cfg = load_config(args.params)
+    metrics = run_comparison(args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live)
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(
+        f"compare {args.model}: top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} macro-F1 {metrics['macro_f1']:.3f} "
+        f"({metrics['params']:,} params, {metrics['train_seconds']:.0f} s training)"
+    )
+
+
+if __name__ == "__main__":
+    main()

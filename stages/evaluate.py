@@ -1,0 +1,58 @@
+"""Stage evaluate: score the trained model on the test split.
+
+    python stages/evaluate.py --model models/hnf --prepared data/prepared \
+        --metrics metrics/eval.json --per-class metrics/per_class.json --plots plots/evaluate
+
+Writes metrics/eval.json (top1, top2, top3, top5, macro_precision, macro_recall, macro_f1,
+ece after temperature scaling; ece_uncalibrated, nll, nll_uncalibrated, temperature),
+metrics/per_class.json and the confusion matrix as DVC plot rows (confusion.csv) and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from multifusion.checkpoint import load_model
+from multifusion.config import load_config
+from multifusion.data.dataset import load_prepared
+from multifusion.evaluate import confusion_matrix, evaluate_split, plot_confusion_png, write_confusion_csv
+from multifusion.train import resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("models/hnf"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--per-class", type=Path, default=Path("metrics/per_class.json"))
+    parser.add_argument("--plots", type=Path, default=Path("plots/evaluate"))
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+
+    cfg = load_config(args.params)
+    device = resolve_device(cfg.evaluate.device)
+    loaded = load_model(args.model, device)
+    prepared = load_prepared(args.prepared)
+    if loaded.classes != prepared.classes:
+        raise SystemExit(f"{args.model}: trained on classes {loaded.classes}, but {args.prepared} has {prepared.classes}; retrain")
+    metrics, per_class, labels, preds = evaluate_split(
+        loaded.model, prepared, args.split, loaded.temperature, cfg.evaluate.batch_size, device, cfg.evaluate.ece_bins
+    )
+    for path in (args.metrics, args.per_class):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    args.per_class.write_text(json.dumps(per_class, indent=2) + "\n")
+    write_confusion_csv(args.plots / "confusion.csv", labels, preds, prepared.classes)
+    plot_confusion_png(args.plots / "confusion.png", confusion_matrix(labels, preds, len(prepared.classes)), prepared.classes,
+                       title=f"{loaded.model_name} on the {args.split} split")
+    print(
+        f"evaluate ({args.split}, n={metrics['n']}): top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} "
+        f"macro-F1 {metrics['macro_f1']:.3f} ECE {metrics['ece_uncalibrated']:.3f} -> {metrics['ece']:.3f} (T={metrics['temperature']:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Stage `robustness`: the trained model on the test split under distribution shifts.
+
+Writes metrics/robustness.json (accuracy and macro-F1 per shift per severity), one plot
+data file per shift (<plots>/<shift>.csv: level, severity, accuracy, macro_f1; level 0 =
+clean) and <plots>/accuracy_vs_severity.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from multifusion.checkpoint import load_model
+from multifusion.config import load_config
+from multifusion.data.dataset import load_prepared
+from multifusion.robustness import evaluate_under_shifts, plot_robustness, robustness_table
+from multifusion.train import resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="models/hnf")
+    parser.add_argument("--prepared", default="data/prepared")
+    parser.add_argument("--metrics", default="metrics/robustness.json")
+    parser.add_argument("--plots", default="plots/robustness")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    cfg = load_config(args.params)
+    device = resolve_device(cfg.evaluate.device)
+    loaded = load_model(args.model, device=device)
+    prepared = load_prepared(args.prepared)
+    if prepared.classes != loaded.classes:
+        raise SystemExit(f"{args.model}: trained on other classes than {args.prepared}/classes.json; retrain (`dvc repro train`)")
+    test = prepared.split_indices("test")
+    if len(test) == 0:
+        raise SystemExit(f"{args.prepared}: the test split is empty; check data.split in params.yaml")
+
+    result = evaluate_under_shifts(
+        loaded.model, prepared.images[test], prepared.labels(test), cfg, loaded.temperature, device=device
+    )
+    result = {"model": loaded.model_name, **result}
+    metrics = Path(args.metrics)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(result, indent=2) + "\n")
+
+    table = robustness_table(result, loaded.model_name)
+    plots = Path(args.plots)
+    plots.mkdir(parents=True, exist_ok=True)
+    for shift, rows in table.groupby("shift", sort=False):
+        rows[["level", "severity", "accuracy", "macro_f1"]].to_csv(plots / f"{shift}.csv", index=False)
+    plot_robustness(table, plots / "accuracy_vs_severity.png")
+
+    clean = result["clean"]["accuracy"]
+    print(f"robustness: {len(test)} test images, clean accuracy {clean:.3f}")
+    for shift, rows in table[table.level > 0].groupby("shift", sort=False):
+        cells = "  ".join(f"{s:g}:{a:.3f}" for s, a in zip(rows.severity, rows.accuracy))
+        print(f"  {shift:15s} {cells}")
+
+
+if __name__ == "__main__":
+    main()

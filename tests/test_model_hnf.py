@@ -1,0 +1,200 @@
+"""The MultiFusion HNF model: every switch combination trains (finite outputs, a gradient
+for every parameter), layers 1..4, no label leakage, a tiny batch overfits, ODE options,
+clear errors, and the text buffers travel in the state_dict."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from multifusion.model import build_model, placeholder_text
+from multifusion.model.patch_embed import derive_patch_sizes
+from multifusion.text.features import TextFeatures
+
+SMALL = {"data.image_size": 32, "hnf.dim": 16, "hnf.heads": 2, "fusion.heads": 2, "hnf.dropout": 0.0}
+
+
+def random_text(num_classes: int = 3, per_class: int = 2, length: int = 7, dim: int = 12, seed: int = 0) -> TextFeatures:
+    gen = torch.Generator().manual_seed(seed)
+    T = num_classes * per_class
+    mask = torch.zeros(T, length, dtype=torch.bool)
+    for t in range(T):
+        mask[t, : 2 + t % (length - 2)] = True
+    return TextFeatures(
+        token_states=torch.randn(T, length, dim, generator=gen),
+        attention_mask=mask,
+        sentence_embeddings=torch.randn(T, dim, generator=gen),
+        class_names=[f"c{t // per_class}" for t in range(T)],
+        templates=[f"t{t % per_class}" for t in range(T)],
+        samples=[0] * T,
+    )
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_trains(model: torch.nn.Module, x: torch.Tensor, num_classes: int) -> None:
+    """Finite logits of the right shape, and a non-zero gradient for every parameter."""
+    logits = model(x)
+    assert logits.shape == (x.shape[0], num_classes)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.arange(x.shape[0]) % num_classes).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} received no gradient"
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("layers,expected", [(1, [8]), (2, [16, 8]), (3, [32, 16, 8]), (4, [32, 16, 8, 4])])
+def test_patch_sizes_derived_coarse_to_fine(make_config, layers, expected):
+    cfg = make_config({"hnf.layers": layers})
+    assert cfg.hnf.patch_sizes is None and cfg.data.image_size == 64
+    assert derive_patch_sizes(cfg.data.image_size, layers, None) == expected
+
+
+def test_non_dividing_patch_size_is_a_clear_error(make_config):
+    cfg = make_config({"hnf.patch_sizes": [12, 8, 4]})
+    with pytest.raises(ValueError, match=r"hnf.patch_sizes: patch size 12 does not divide data.image_size 64"):
+        build_model(cfg, 4, random_text())
+    with pytest.raises(ValueError, match=r"data.image_size 60 .* hnf.layers=3"):
+        build_model(make_config({"data.image_size": 60}), 4, random_text())
+    with pytest.raises(ValueError, match="hnf.patch_sizes has 2 entries but hnf.layers is 3"):
+        build_model(make_config({"hnf.patch_sizes": [16, 8]}), 4, random_text())
+
+
+COMBOS = list(itertools.product(["ode", "transformer", "none"], [True, False], ["off", "mha", "concat"]))
+
+
+@pytest.mark.parametrize("encoder,graph,text_mode", COMBOS)
+def test_every_switch_combination_trains(make_config, encoder, graph, text_mode):
+    torch.manual_seed(0)
+    overrides = dict(SMALL, **{"hnf.sequence_encoder": encoder, "hnf.graph": graph, "hnf.layers": 2})
+    overrides["fusion.text"] = text_mode != "off"
+    if text_mode != "off":
+        overrides["fusion.mode"] = text_mode
+    cfg = make_config(overrides)
+    model = build_model(cfg, 3, random_text() if cfg.fusion.text else None)
+    assert (model.text is None) == (text_mode == "off")
+    assert_trains(model, images(4, 32), 3)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 4])
+def test_layers_one_to_four_with_default_params(make_config, layers):
+    torch.manual_seed(0)
+    cfg = make_config({"hnf.layers": layers, "hnf.dropout": 0.0})
+    model = build_model(cfg, 10, random_text(num_classes=10))
+    assert len(model.layers) == layers
+    assert model.forward_features(images(2, 64)).shape == (2, layers, cfg.hnf.dim)
+    assert_trains(model, images(2, 64), 10)
+
+
+def test_default_model_is_small(make_config):
+    cfg = make_config()
+    model = build_model(cfg, 10, random_text(num_classes=10, dim=128))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable < 1_000_000
+
+
+def test_ode_options_dopri5_and_adjoint_run(make_config):
+    for ode in ({"hnf.ode.solver": "dopri5"}, {"hnf.ode.adjoint": True}, {"hnf.ode.solver": "dopri5", "hnf.ode.adjoint": True}):
+        torch.manual_seed(0)
+        cfg = make_config(dict(SMALL, **ode, **{"hnf.layers": 1}))
+        assert_trains(build_model(cfg, 3, random_text()), images(2, 32), 3)
+
+
+def test_adjoint_gradients_match_direct_backprop(make_config):
+    grads = []
+    for adjoint in (False, True):
+        torch.manual_seed(0)
+        cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.ode.adjoint": adjoint}))
+        model = build_model(cfg, 3, random_text())
+        model(images(2, 32)).square().sum().backward()
+        grads.append(model.layers[0].sequence.forward_field.mlp.fc1.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+
+
+def test_bad_solver_and_missing_text_are_clear_errors(make_config):
+    with pytest.raises(ValueError, match="hnf.ode.solver must be one of"):
+        build_model(make_config(dict(SMALL, **{"hnf.ode.solver": "rk45"})), 3, random_text())
+    with pytest.raises(ValueError, match="fusion.text is true but no text features"):
+        build_model(make_config(SMALL), 3, None)
+    model = build_model(make_config(SMALL), 3, random_text())
+    with pytest.raises(ValueError, match=r"expected images \(B, 1, 32, 32\)"):
+        model(torch.zeros(2, 1, 64, 64))
+
+
+@pytest.mark.parametrize("mode", ["mha", "concat"])
+def test_no_label_leakage(make_config, mode):
+    """The model never sees labels; an image's output does not depend on the rest of its
+    batch (train mode too: no batch statistics), and every image sees identical text."""
+    torch.manual_seed(0)
+    model = build_model(make_config(dict(SMALL, **{"fusion.mode": mode})), 3, random_text())
+    assert list(inspect.signature(model.forward).parameters) == ["x"]
+    x = images(6, 32, seed=1)
+    for train in (False, True):
+        model.train(train)
+        with torch.no_grad():
+            batch = model(x)
+            alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
+            perm = torch.tensor([5, 3, 0, 1, 4, 2])
+            permuted = model(x[perm])
+        torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batch[perm], permuted, atol=1e-5, rtol=1e-4)
+
+    seen = []
+    model.head.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    model.eval()
+    with torch.no_grad():
+        model(x[:2])
+        model(x[2:])
+    assert seen[0].shape == (6, 16)  # (T, C): one set of text for the whole batch
+    torch.testing.assert_close(seen[0], seen[1])  # the same text for every batch
+    if mode == "mha":  # inside the cross-attention every image attends to the same text
+        contexts = []
+        model.head.visual_to_text.register_forward_hook(lambda m, args, out: contexts.append(args[1]))
+        with torch.no_grad():
+            model(x)
+        assert all(torch.equal(contexts[0][b], contexts[0][0]) for b in range(6))
+
+
+def test_tiny_batch_overfits(make_config):
+    torch.manual_seed(0)
+    cfg = make_config(dict(SMALL, **{"hnf.dim": 32, "hnf.layers": 2}))
+    model = build_model(cfg, 4, random_text(num_classes=4))
+    x = images(8, 32, seed=2)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(150):
+        logits = model(x)
+        if (logits.argmax(-1) == y).all() and step > 0:
+            break
+        opt.zero_grad()
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    assert (model(x).argmax(-1) == y).all(), f"no 100% train accuracy after {step} steps"
+
+
+def test_text_buffers_travel_in_the_state_dict(make_config, tmp_path):
+    torch.manual_seed(0)
+    cfg = make_config(SMALL)
+    text = random_text()
+    model = build_model(cfg, 3, text).eval()
+    state = model.state_dict()
+    assert torch.equal(state["text.token_states"], text.token_states)
+    assert torch.equal(state["text.attention_mask"], text.attention_mask)
+    trainable = {name for name, _ in model.named_parameters()}
+    assert "text.token_states" not in trainable and "text.attention_mask" not in trainable
+
+    save_file(state, str(tmp_path / "model.safetensors"))
+    T, L, D = text.token_states.shape
+    rebuilt = build_model(cfg, 3, placeholder_text(T, L, D)).eval()
+    rebuilt.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    x = images(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))

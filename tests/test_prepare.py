@@ -1,0 +1,216 @@
+"""prepare: decoding of every supported kind, bad input, duplicates, groups and splits."""
+
+import json
+import shutil
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from multifusion.data.ingest import ImageError, decode_grey, load_micrograph
+from multifusion.data.prepare import PrepareError, prepare_dataset
+from multifusion.data.split import assign_splits, near_duplicate_pairs, pattern_pairs, perceptual_hash, union_groups
+
+NCM = Path(__file__).parent / "fixtures" / "ncm"
+RNG = np.random.default_rng(0)
+
+
+def texture(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
+    """A distinct random grey micrograph-like texture, uint8 (h, w)."""
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage as ndi
+
+    field = ndi.gaussian_filter(rng.standard_normal((h, w)), rng.uniform(2, 6))
+    field = (field - field.min()) / (np.ptp(field) + 1e-9)
+    return (field * 200 + 25).astype(np.uint8)
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def test_decode_modes(tmp_path):
+    grey = texture(1)
+    ramp16 = (np.arange(96 * 128, dtype=np.uint32).reshape(96, 128) * 5).astype(np.uint16)  # 0..61435
+    Image.fromarray(ramp16).save(tmp_path / "g16.tif")
+    out16 = decode_grey(tmp_path / "g16.tif", 10**8)
+    assert out16.dtype == np.uint8 and out16.min() == 0 and out16.max() == 255
+    assert np.all(np.diff(out16.ravel().astype(int)) >= 0)  # stretched, order kept
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")
+    assert np.array_equal(decode_grey(tmp_path / "g16.png", 10**8), out16)
+    rgb = np.stack([grey, np.roll(grey, 5, 1), 255 - grey], -1)
+    rgba = Image.fromarray(np.concatenate([rgb, np.full((96, 128, 1), 128, np.uint8)], -1), "RGBA")
+    rgba.save(tmp_path / "rgba.png")
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert np.array_equal(decode_grey(tmp_path / "rgba.png", 10**8), expected)
+    palette = Image.fromarray(rgb).quantize(64)
+    palette.save(tmp_path / "pal.png")
+    assert np.array_equal(decode_grey(tmp_path / "pal.png", 10**8), np.asarray(palette.convert("RGB").convert("L")))
+    save(tmp_path / "g.bmp", grey)
+    assert np.array_equal(decode_grey(tmp_path / "g.bmp", 10**8), grey)
+    save(tmp_path / "g.jpeg", grey, quality=95)
+    assert np.abs(decode_grey(tmp_path / "g.jpeg", 10**8).astype(int) - grey).mean() < 3
+    import tifffile  # 16-bit RGB TIFF: a mode PIL cannot decode
+
+    tifffile.imwrite(tmp_path / "rgb48.tif", (rgb.astype(np.uint16) * 257))
+    rgb48 = decode_grey(tmp_path / "rgb48.tif", 10**8)
+    assert rgb48.shape == (96, 128) and np.corrcoef(rgb48.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+def make_bad_folder(root: Path) -> dict[str, str]:
+    """A class folder layout holding one of each bad input; returns {bad path: reason word}."""
+    for i in range(4):
+        save(root / "Alpha" / f"a{i}.png", texture(10 + i))
+        save(root / "Beta" / f"b{i}.tif", texture(20 + i))
+    save(root / "Solo" / "only.jpg", texture(30))  # a class with a single image
+    (root / "Empty").mkdir()
+    bad = {}
+    good = (root / "Alpha" / "a0.png").read_bytes()
+    (root / "Beta" / "truncated.png").write_bytes(good[: len(good) // 2])
+    bad["Beta/truncated.png"] = "truncated"
+    (root / "Beta" / "zero.tif").write_bytes(b"")
+    bad["Beta/zero.tif"] = "empty file"
+    (root / "Beta" / "notes.jpg").write_text("these are my notes, not an image\n")
+    bad["Beta/notes.jpg"] = "not an image"
+    save(root / "Alpha" / "tiny.png", texture(40, 40, 50))
+    bad["Alpha/tiny.png"] = "smaller than data.image_size"
+    save(root / "Alpha" / "bomb.png", np.zeros((2000, 1500), np.uint8))  # 3 Mpx, compresses to ~3 kB
+    bad["Alpha/bomb.png"] = "decompression bomb"
+    (root / "Alpha" / "readme.txt").write_text("x")
+    bad["Alpha/readme.txt"] = "unsupported extension"
+    bad["Empty"] = "empty class folder"
+    return bad
+
+
+def test_bad_input_folder(tmp_path, make_config):
+    root = tmp_path / "raw"
+    bad = make_bad_folder(root)
+    data = make_config({"data.max_pixels": 1_000_000}).data
+    report = prepare_dataset(root, tmp_path / "out", data, seed=0, progress=False)
+    skipped = {str(Path(s["path"]).relative_to(root)): s["reason"] for s in report["skipped"]}
+    assert set(skipped) == set(bad)
+    for path, word in bad.items():
+        assert word in skipped[path], (path, skipped[path])
+        assert "\n" not in skipped[path]
+    assert report["kept"] == 9 and report["scanned"] == 15
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["Alpha", "Beta", "Solo"]
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert {"id", "path", "sha256", "label", "class_name", "split", "group"} <= set(manifest.columns)
+    assert manifest.loc[manifest.class_name == "Solo", "split"].tolist() == ["train"]
+    images = np.load(tmp_path / "out" / "images.npy", mmap_mode="r")
+    assert images.shape == (9, 64, 64) and images.dtype == np.uint8
+    first = manifest.iloc[0]
+    assert np.array_equal(images[0], load_micrograph(first.path, data))
+
+
+def test_fails_only_without_usable_data(tmp_path, make_config):
+    data = make_config().data
+    with pytest.raises(PrepareError, match="does not exist"):
+        prepare_dataset(tmp_path / "missing", tmp_path / "out", data, 0, progress=False)
+    save(tmp_path / "one" / "A" / "a.png", texture(1))
+    (tmp_path / "one" / "B").mkdir()
+    (tmp_path / "one" / "B" / "b.png").write_bytes(b"")
+    with pytest.raises(PrepareError, match="only 1 class"):
+        prepare_dataset(tmp_path / "one", tmp_path / "out", data, 0, progress=False)
+    result = subprocess.run([sys.executable, "stages/prepare.py", "--root", str(tmp_path / "missing"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr.strip().splitlines()[-1]
+
+
+def test_duplicates_near_copies_and_groups_share_a_split(tmp_path, make_config):
+    root = tmp_path / "raw"
+    for c in range(3):
+        for i in range(12):
+            base = texture(100 * c + i)
+            save(root / f"C{c}" / f"shot{i}_crop0.png", base)
+            if i % 3 == 0:  # a near-copy: fresh noise
+                noisy = np.clip(base + RNG.normal(0, 4, base.shape), 0, 255).astype(np.uint8)
+                save(root / f"C{c}" / f"again{i}.png", noisy)
+            if i % 4 == 0:  # a second crop of the same shot: grouped by name only
+                save(root / f"C{c}" / f"shot{i}_crop1.png", texture(999 + 100 * c + i))
+    shutil.copy(root / "C0" / "shot1_crop0.png", root / "C0" / "copy.png")
+    data = make_config({"data.group_pattern": r"^(shot\d+)_crop"}).data
+    report = prepare_dataset(root, tmp_path / "out", data, seed=3, progress=False)
+    assert report["duplicates"] == [{"path": str(root / "C0" / "shot1_crop0.png"), "duplicate_of": str(root / "C0" / "copy.png")}]
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert manifest.groupby("group")["split"].nunique().max() == 1
+    assert report["groups_across_splits"] == 0
+    by_name = manifest.set_index(manifest.id)
+    for c in range(3):
+        for i in range(0, 12, 3):
+            assert by_name.loc[f"C{c}/again{i}.png", "group"] == by_name.loc[f"C{c}/shot{i}_crop0.png", "group"]
+        for i in range(0, 12, 4):
+            assert by_name.loc[f"C{c}/shot{i}_crop1.png", "group"] == by_name.loc[f"C{c}/shot{i}_crop0.png", "group"]
+    assert set(manifest.split) == {"train", "val", "test"}
+    again = prepare_dataset(root, tmp_path / "out2", data, seed=3, progress=False)
+    assert pd.read_parquet(tmp_path / "out2" / "manifest.parquet").equals(manifest) and again["kept"] == report["kept"]
+
+
+def test_split_stratified_deterministic_and_given_layout():
+    labels = np.repeat(np.arange(5), [100, 50, 20, 7, 2])
+    groups = np.arange(len(labels))
+    ratios = {"train": 0.7, "val": 0.1, "test": 0.2}
+    a = assign_splits(labels, groups, ratios, seed=1)
+    assert np.array_equal(a, assign_splits(labels, groups, ratios, seed=1))
+    assert not np.array_equal(a, assign_splits(labels, groups, ratios, seed=2))
+    for label, n in enumerate([100, 50, 20, 7, 2]):
+        counts = {s: int((a[labels == label] == s).sum()) for s in ratios}
+        if n >= 20:
+            for s, r in ratios.items():
+                assert abs(counts[s] - r * n) <= 1
+        assert counts["train"] >= 1 and counts["test"] >= 1
+    given = ["train"] * 150 + ["test"] * 29
+    b = assign_splits(labels, groups, ratios, seed=1, given=given)
+    assert (b[150:] == "test").all() and set(b[:150]) == {"train", "val"}
+    assert abs((b[:150] == "val").sum() - 150 * 0.125) <= 3
+
+
+def test_given_split_folders_respected(tmp_path, make_config):
+    root = tmp_path / "raw"
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        for c in ("A", "B"):
+            for i in range(n):
+                save(root / split / c / f"{split}{i}.png", texture(hash((split, c, i)) % 10_000))
+    prepare_dataset(root, tmp_path / "out", make_config().data, 0, progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert (manifest.split == manifest.id.str.split("/").str[0]).all()
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["A", "B"]
+
+
+def test_near_duplicate_pairs_match_bruteforce():
+    hashes = RNG.integers(0, 2**63, 300, dtype=np.uint64)
+    hashes[10] = hashes[3] ^ np.uint64(0b1011)  # 3 bits apart
+    fast = set(near_duplicate_pairs(hashes, 12, chunk=64))
+    slow = {(i, j) for i, j in combinations(range(300), 2) if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 12}
+    assert fast == slow and (3, 10) in fast
+    assert union_groups(5, [(0, 3), (3, 4)]).tolist() == [0, 1, 2, 0, 0]
+    assert pattern_pairs(["s1_a", "s2_a", "s1_b", "x"], r"^(s\d)_") == [(0, 2)]
+
+
+def test_perceptual_hash_robust():
+    a = texture(5, 200, 200)
+    noisy = np.clip(a * 0.8 + 30 + RNG.normal(0, 6, a.shape), 0, 255).astype(np.uint8)
+    assert bin(perceptual_hash(a) ^ perceptual_hash(noisy)).count("1") <= 6
+    assert bin(perceptual_hash(a) ^ perceptual_hash(texture(6, 200, 200))).count("1") > 12
+
+
+def test_ncm_fixtures_prepared_without_bar(tmp_path, make_config):
+    for path in NCM.glob("*.jpg"):
+        target = tmp_path / "raw" / path.name.split("__")[0] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    report = prepare_dataset(tmp_path / "raw", tmp_path / "out", make_config().data, 0, progress=False)
+    assert report["kept"] == 5 and report["infobar_cropped"] == 5
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert manifest.bar_rows.between(25, 29).all()
+    images = np.load(tmp_path / "out" / "images.npy")
+    assert not ((images < 6).mean(axis=2) >= 0.9).any()

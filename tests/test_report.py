@@ -1,0 +1,93 @@
+"""The results report, built from fake metric files: every model gets a row, the paper's
+published figures sit in their own columns, missing inputs are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from multifusion.report import LABELS, PAPER_ABLATION, PAPER_TOPK, read_metrics, report_from_files
+
+
+def fake_metrics(seed: float) -> dict[str, float]:
+    keys = ["top1", "top2", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "ece"]
+    return {k: round(0.1 + 0.05 * i + seed, 4) for i, k in enumerate(keys)} | {"n": 160}
+
+
+def table_rows(md: str, header_start: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header starts with ``header_start``."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+@pytest.fixture
+def metric_files(tmp_path: Path, make_config):
+    cfg = make_config()
+    (tmp_path / "metrics" / "compare").mkdir(parents=True)
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(fake_metrics(0.3)))
+    runs = {}
+    for i, name in enumerate(cfg.compare.models):
+        runs[name] = fake_metrics(0.01 * i)
+        (tmp_path / "metrics" / "compare" / f"{name}.json").write_text(json.dumps(runs[name]))
+    return cfg, tmp_path, runs
+
+
+def test_report_has_every_row_and_the_published_columns(metric_files) -> None:
+    cfg, root, runs = metric_files
+    md_path = report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports")
+    md = md_path.read_text()
+    assert cfg.data.root in md and "Date:" in md
+
+    topk = table_rows(md, "| model |")
+    baselines = [n for n in cfg.compare.models if not n.startswith("mf_")]
+    assert [r[0] for r in topk] == [LABELS["multifusion"]] + [LABELS[n] for n in baselines]
+    assert topk[0][1:5] == ["0.400", "0.450", "0.500", "0.550"]  # ours, from eval.json
+    for row, name in zip(topk[1:], baselines):
+        assert row[1] == f"{runs[name]['top1']:.3f}"
+        if name in PAPER_TOPK:  # the paper's figures in the published columns
+            paper_name, figures = PAPER_TOPK[name]
+            assert row[5] == paper_name and row[6:10] == [f"{v:.3f}" for v in figures]
+        else:
+            assert row[5:] == ["–"] * 5
+    assert topk[0][6:10] == ["0.947", "0.965", "0.986", "0.991"]
+
+    ablation = table_rows(md, "| variant |")
+    variants = ["multifusion"] + [n for n in cfg.compare.models if n.startswith("mf_")]
+    assert [r[0] for r in ablation] == [LABELS[n] for n in variants]
+    for row, name in zip(ablation, variants):
+        if name in PAPER_ABLATION:
+            assert row[6:9] == [f"{v:.3f}" for v in PAPER_ABLATION[name][1]]
+    assert ablation[0][2:5] == ["0.600", "0.650", "0.700"]  # ours: macro P/R/F1
+
+    assert "falls short of" not in md  # ours 0.400 beats every fake baseline (top1 <= 0.14)
+    summary = json.loads((root / "reports/summary.json").read_text())
+    assert set(summary) == {"multifusion", *cfg.compare.models}
+    for png in ("topk.png", "ablation.png"):
+        assert (root / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = (root / "reports/results.csv").read_text().splitlines()
+    assert len(csv) == 1 + 1 + len(cfg.compare.models)
+
+
+def test_report_says_when_ours_falls_short(metric_files) -> None:
+    cfg, root, _ = metric_files
+    (root / "metrics" / "compare" / "resnet18.json").write_text(json.dumps(fake_metrics(0.4)))
+    md = report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports").read_text()
+    assert "falls short of the best baseline's (ResNet-18, 0.500) by 0.100" in md
+
+
+def test_missing_or_incomplete_metrics_are_clear_errors(metric_files) -> None:
+    cfg, root, _ = metric_files
+    (root / "metrics" / "compare" / "vig.json").unlink()
+    with pytest.raises(FileNotFoundError, match="vig.json"):
+        report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports")
+    (root / "bad.json").write_text(json.dumps({"top1": 0.5}))
+    with pytest.raises(ValueError, match="missing metric keys"):
+        read_metrics(root / "bad.json")

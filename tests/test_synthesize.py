@@ -1,0 +1,59 @@
+"""Synthetic SEM-10: long-tailed counts, determinism, file format, near-duplicate re-shots."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from multifusion.data.ingest import preprocess
+from multifusion.data.split import perceptual_hash
+from multifusion.data.synthesize import (CLASSES, NFFA_COUNTS, class_counts, file_name, generate_dataset,
+                                         render_image, scene_index)
+
+
+def test_class_counts_long_tailed_with_floor():
+    counts = class_counts(800, 24)
+    assert sum(counts.values()) == 800
+    assert min(counts.values()) == 24
+    assert counts["Fibres"] == counts["Porous_Sponge"] == 24  # the rare ones sit on the floor
+    big = sorted((c for c in CLASSES if counts[c] > 24), key=NFFA_COUNTS.get)
+    assert [counts[c] for c in big] == sorted(counts[c] for c in big)  # proportions kept in order
+    assert counts["Patterned_surface"] / counts["Tips"] == pytest.approx(4748 / 1625, rel=0.05)
+    assert sum(class_counts(21_272, 1).values()) == 21_272
+    with pytest.raises(ValueError, match="synthesize.total"):
+        class_counts(100, 24)
+
+
+def test_render_is_deterministic_and_seeded():
+    a = render_image(42, "Powder", 3, 160, 120)
+    assert a.dtype == np.uint8 and a.shape == (120, 160)
+    assert np.array_equal(a, render_image(42, "Powder", 3, 160, 120))
+    assert not np.array_equal(a, render_image(43, "Powder", 3, 160, 120))
+    assert not np.array_equal(a, render_image(42, "Powder", 4, 160, 120))
+    assert a.std() > 10  # not blank
+
+
+def test_generate_order_free(tmp_path, make_config):
+    cfg = make_config({"synthesize.total": 20, "synthesize.min_per_class": 2,
+                       "synthesize.width": 96, "synthesize.height": 72}).synthesize
+    serial = generate_dataset(cfg, 5, tmp_path / "serial", workers=1)
+    parallel = generate_dataset(cfg, 5, tmp_path / "parallel", workers=2)
+    assert serial == parallel and sum(serial.values()) == 20
+    assert sorted(p.name for p in (tmp_path / "serial").iterdir()) == CLASSES
+    for c in CLASSES:
+        for i in range(serial[c]):
+            one = (tmp_path / "serial" / c / file_name(c, i)).read_bytes()
+            assert one == (tmp_path / "parallel" / c / file_name(c, i)).read_bytes()
+    with Image.open(tmp_path / "serial" / "Tips" / file_name("Tips", 0)) as image:
+        assert image.mode == "L" and image.size == (96, 72) and image.format == "TIFF"
+
+
+def test_reshots_are_near_duplicates(make_config):
+    data = make_config().data
+    reshots = [(c, i) for c in ("Particles", "Nanowires") for i in range(1, 120) if scene_index(42, c, i) != i]
+    assert 2 <= len(reshots) <= 30  # about 6%
+    close = 0
+    for c, i in reshots:
+        a = perceptual_hash(preprocess(render_image(42, c, i, 320, 240), data).reduced)
+        b = perceptual_hash(preprocess(render_image(42, c, scene_index(42, c, i), 320, 240), data).reduced)
+        close += bin(a ^ b).count("1") <= data.near_duplicate_bits
+    assert close >= 0.8 * len(reshots)
