@@ -66,8 +66,9 @@ SMALL = {
 @pytest.mark.parametrize("name", NAMES)
 def test_every_parameter_gets_a_gradient(name: str) -> None:
     torch.manual_seed(0)
-    model = build_baseline(name, num_classes=5, image_size=64, **SMALL[name]).train()
-    x = torch.randn(4, 1, 64, 64)
+    size = 32 if name.startswith("resnet") else 64  # ResNets are size-agnostic: the smallest that keeps 1x1 at stride 32
+    model = build_baseline(name, num_classes=5, image_size=size, **SMALL[name]).train()
+    x = torch.randn(4, 1, size, size)
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}.{pname} got no gradient"
@@ -156,3 +157,25 @@ def test_mrconv_equals_loop_reference() -> None:
             inter = torch.stack([x[b, :, i], rel], dim=1).reshape(16)  # [x0, r0, x1, r1, ...]
             h[b, :, i, 0] = inter
     torch.testing.assert_close(out, conv.nn(h).squeeze(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_every_comparison_model_builds_and_runs(make_config) -> None:
+    """Each name of compare.models: its config (ablation overrides applied) builds a model
+    mapping grey images to logits; unknown names are a clear error."""
+    from multifusion.compare import build_variant, variant_config
+    from multifusion.text.features import TextFeatures
+
+    cfg = make_config({"hnf.dim": 16, "hnf.layers": 2})
+    text = TextFeatures(torch.randn(6, 5, 8), torch.ones(6, 5, dtype=torch.bool), torch.randn(6, 8), ["a", "b", "c"] * 2, ["t"] * 6, [0] * 6)
+    for name in cfg.compare.models:
+        cfg_run = variant_config(cfg, name)
+        for key, value in cfg.compare.ablations.get(name, {}).items():
+            section, field = key.split(".")
+            assert getattr(getattr(cfg_run, section), field) == value
+        if name.startswith("mf_"):  # only the ablations: the full baselines are checked above
+            model = build_variant(name, cfg_run, 3, text).eval()
+            with torch.no_grad():
+                assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)
+    assert variant_config(cfg, "resnet18") == cfg
+    with pytest.raises(ValueError, match="unknown model 'resnet101'"):
+        variant_config(cfg, "resnet101")

@@ -16,7 +16,16 @@ from multifusion.model import build_model, placeholder_text
 from multifusion.model.patch_embed import derive_patch_sizes
 from multifusion.text.features import TextFeatures
 
-SMALL = {"data.image_size": 32, "hnf.dim": 16, "hnf.heads": 2, "fusion.heads": 2, "hnf.dropout": 0.0}
+# 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16: fast.
+SMALL = {
+    "data.image_size": 32,
+    "hnf.layers": 2,
+    "hnf.patch_sizes": [16, 8],
+    "hnf.dim": 16,
+    "hnf.heads": 2,
+    "fusion.heads": 2,
+    "hnf.dropout": 0.0,
+}
 
 
 def random_text(num_classes: int = 3, per_class: int = 2, length: int = 7, dim: int = 12, seed: int = 0) -> TextFeatures:
@@ -74,7 +83,7 @@ COMBOS = list(itertools.product(["ode", "transformer", "none"], [True, False], [
 @pytest.mark.parametrize("encoder,graph,text_mode", COMBOS)
 def test_every_switch_combination_trains(make_config, encoder, graph, text_mode):
     torch.manual_seed(0)
-    overrides = dict(SMALL, **{"hnf.sequence_encoder": encoder, "hnf.graph": graph, "hnf.layers": 2})
+    overrides = dict(SMALL, **{"hnf.sequence_encoder": encoder, "hnf.graph": graph})
     overrides["fusion.text"] = text_mode != "off"
     if text_mode != "off":
         overrides["fusion.mode"] = text_mode
@@ -104,7 +113,7 @@ def test_default_model_is_small(make_config):
 def test_ode_options_dopri5_and_adjoint_run(make_config):
     for ode in ({"hnf.ode.solver": "dopri5"}, {"hnf.ode.adjoint": True}, {"hnf.ode.solver": "dopri5", "hnf.ode.adjoint": True}):
         torch.manual_seed(0)
-        cfg = make_config(dict(SMALL, **ode, **{"hnf.layers": 1}))
+        cfg = make_config(dict(SMALL, **ode, **{"hnf.layers": 1, "hnf.patch_sizes": [8]}))
         assert_trains(build_model(cfg, 3, random_text()), images(2, 32), 3)
 
 
@@ -112,7 +121,7 @@ def test_adjoint_gradients_match_direct_backprop(make_config):
     grads = []
     for adjoint in (False, True):
         torch.manual_seed(0)
-        cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.ode.adjoint": adjoint}))
+        cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.patch_sizes": [8], "hnf.ode.adjoint": adjoint}))
         model = build_model(cfg, 3, random_text())
         model(images(2, 32)).square().sum().backward()
         grads.append(model.layers[0].sequence.forward_field.mlp.fc1.weight.grad.clone())
@@ -165,7 +174,7 @@ def test_no_label_leakage(make_config, mode):
 
 def test_tiny_batch_overfits(make_config):
     torch.manual_seed(0)
-    cfg = make_config(dict(SMALL, **{"hnf.dim": 32, "hnf.layers": 2}))
+    cfg = make_config(dict(SMALL, **{"hnf.dim": 32}))
     model = build_model(cfg, 4, random_text(num_classes=4))
     x = images(8, 32, seed=2)
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])

@@ -87,7 +87,7 @@ def test_folder_with_bad_files_gives_a_row_each(model_dir, folder, tmp_path):
         assert im.format == "PNG" and im.size[0] > 100
 
 
-def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path, make_config):
+def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
     from multifusion.checkpoint import load_model
 
     loaded = load_model(model_dir)

@@ -157,7 +157,7 @@ def test_info_bar_rows_dark_with_light_text_rest_untouched(rng):
 
 
 def test_info_bar_is_found_by_prepare_s_detector(rng):
-    infobar = pytest.importorskip("multifusion.data.infobar")
+    from multifusion.data import infobar
     images = textured(n=3, size=64)
     for fraction in (0.08, 0.15):
         out = info_bar(images, fraction, rng)
@@ -178,7 +178,6 @@ class MeanBrightnessClassifier(torch.nn.Module):
 
 
 def test_evaluate_under_shifts_scores_each_severity(make_config):
-    pytest.importorskip("multifusion.evaluate")
     from multifusion.data.dataset import to_model_input
     from multifusion.robustness import evaluate_under_shifts, robustness_table
 

@@ -22,7 +22,7 @@ from multifusion.text.corpus import build_corpus, load_descriptions, split_sente
 from multifusion.text.encoder import build_sentence_encoder, save_sentence_encoder, text_features
 from multifusion.text.features import TextFeatures
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens, select_positions
-from multifusion.text.pretrain import SentenceBatcher, build_from_scratch, pretrain, save_lm
+from multifusion.text.pretrain import build_from_scratch, pretrain, save_lm
 from multifusion.text.tokenizer import learn_wordpiece_vocab, train_wordpiece
 
 # ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from multifusion.config import Config
+from multifusion.evaluate import classification_metrics, predict_probs
 
 ShiftFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -196,8 +197,6 @@ def apply_shift(name: str, images: np.ndarray, severity: float, rng: np.random.G
 
 
 def _scores(probs: np.ndarray, labels: np.ndarray, cfg: Config) -> dict[str, float]:
-    from multifusion.evaluate import classification_metrics
-
     metrics = classification_metrics(probs, labels, cfg.evaluate.ece_bins)
     return {"accuracy": float(metrics["top1"]), "macro_f1": float(metrics["macro_f1"])}
 
@@ -218,8 +217,6 @@ def evaluate_under_shifts(
     levels numbered 1.. in the params order (mildest first). Deterministic from
     ``cfg.robustness.seed``.
     """
-    from multifusion.evaluate import predict_probs
-
     rob = cfg.robustness
     images_u8 = np.ascontiguousarray(images_u8, dtype=np.uint8)
     labels = np.asarray(labels)

@@ -71,7 +71,11 @@ class CrossModalHead(nn.Module):
     def __init__(self, dim: int, heads: int, num_layers: int, num_classes: int, dropout: float) -> None:
         super().__init__()
         self.layer_embed = nn.Parameter(torch.zeros(num_layers, dim))  # which HNF layer a token came from
+        # a learned "nothing" token among the visual keys: a description may attend to none
+        # of the (as few as one) layer tokens, and the softmax never has a single entry
+        self.null_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.layer_embed, std=0.02)
+        nn.init.trunc_normal_(self.null_token, std=0.02)
         self.norm_v = nn.LayerNorm(dim)
         self.norm_t = nn.LayerNorm(dim)
         self.visual_to_text = Attention(dim, heads, dropout)  # visual queries attend to text
@@ -84,8 +88,9 @@ class CrossModalHead(nn.Module):
         v = visual + self.layer_embed  # (B, L, C)
         t = text.unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C): identical for every image
         v_n, t_n = self.norm_v(v), self.norm_t(t)
+        keys = torch.cat([self.null_token.expand(v.shape[0], -1, -1), v_n], dim=1)  # (B, 1+L, C)
         v = v + self.visual_to_text(v_n, t_n)  # (B, L, C)
-        t = t + self.text_to_visual(t_n, v_n)  # (B, T, C)
+        t = t + self.text_to_visual(t_n, keys)  # (B, T, C)
         pooled = torch.cat([v.mean(1), t.mean(1)], dim=-1)  # (B, 2C)
         return self.classifier(self.drop(self.norm(pooled)))
 

@@ -35,15 +35,14 @@ def knn_graph(x: torch.Tensor, k: int) -> torch.Tensor:
     return sim.topk(k, dim=-1).indices  # (B, N, k)
 
 
-def knn_adjacency(idx: torch.Tensor, num_nodes: int | None = None, symmetric: bool = True) -> torch.Tensor:
+def knn_adjacency(idx: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
     """Dense 0/1 adjacency from neighbour indices.
 
     idx: (B, N, k) -> adj (B, N, N) float with adj[b, i, idx[b, i, m]] = 1; symmetric=True
     adds every reverse edge (adj = max(adj, adj^T)). No self loops.
     """
     B, N, _ = idx.shape
-    n = num_nodes or N
-    adj = torch.zeros(B, N, n, device=idx.device)
+    adj = torch.zeros(B, N, N, device=idx.device)
     adj.scatter_(2, idx, 1.0)
     if symmetric:
         adj = torch.maximum(adj, adj.transpose(1, 2))
