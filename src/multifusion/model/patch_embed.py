@@ -1,7 +1,7 @@
 """Patch tokens at every HNF layer's patch size, with 2-D positional embeddings.
 
 Patch sizes run coarse to fine (the "inverted pyramid"). ``hnf.stem``:
-- ``conv``: one shared convolutional stem (stride-2 3x3 convs) down to a feature map at
+- ``conv``: one shared residual convolutional stem (stride-2 ResNet blocks) down to a feature map at
   the finest patch grid, average-pooled to each coarser grid, then a per-layer linear
   projection. The convolutions give the inductive bias needed to learn from ~1k images.
 - ``linear``: plain patchify + linear per layer (a ViT patch embedding).
@@ -70,26 +70,50 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
+class ResidualBlock(nn.Module):
+    """ResNet basic block with GroupNorm (batch-independent): two 3x3 convs + shortcut.
+
+    (B, c_in, H, W) -> (B, c_out, H / stride, W / stride).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = _norm(c_out)
+        nn.init.zeros_(self.norm2.weight)  # the block starts as its shortcut
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _norm(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.gelu(self.norm1(self.conv1(x)))
+        return F.gelu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
 class ConvStem(nn.Module):
     """Stride-``stride`` convolutional stem: 1 x S x S -> dim x (S/stride) x (S/stride).
 
-    Stride-2 3x3 convs (GroupNorm, GELU; batch-independent) while the remaining stride is
-    even, then a kernel=stride conv for any odd remainder, then a 1x1 conv to ``dim``.
+    A 3x3 conv at full resolution, then one stride-2 residual block per halving (width
+    doubling up to ``dim``), a kernel=stride conv for any odd remainder, and a 1x1
+    projection to ``dim``. The residual blocks give the patch tokens the locality bias
+    that transformers trained from scratch on ~1k micrographs lack.
     """
 
     def __init__(self, dim: int, stride: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels, c_in, remaining = max(dim // 4, 8), 1, stride
+        channels = max(dim // 4, 8)
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, padding=1, bias=False), _norm(channels), nn.GELU()]
+        c_in, remaining = channels, stride
         while remaining % 2 == 0:
-            layers += [nn.Conv2d(c_in, channels, 3, stride=2, padding=1, bias=False), _norm(channels), nn.GELU()]
-            c_in, channels, remaining = channels, min(channels * 2, dim), remaining // 2
+            c_out = min(c_in * 2, dim)
+            layers.append(ResidualBlock(c_in, c_out, stride=2))
+            c_in, remaining = c_out, remaining // 2
         if remaining > 1:
-            layers += [nn.Conv2d(c_in, channels, remaining, stride=remaining, bias=False), _norm(channels), nn.GELU()]
-            c_in = channels
-        if c_in == 1:  # stride 1: still give the stem one 3x3 conv
-            layers += [nn.Conv2d(1, channels, 3, padding=1, bias=False), _norm(channels), nn.GELU()]
-            c_in = channels
+            layers += [nn.Conv2d(c_in, c_in, remaining, stride=remaining, bias=False), _norm(c_in), nn.GELU()]
         layers.append(nn.Conv2d(c_in, dim, 1))
         self.body = nn.Sequential(*layers)
 
