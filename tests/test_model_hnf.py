@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from multifusion.model import build_model, placeholder_text
+from multifusion.checkpoint import placeholder_text, text_record
+from multifusion.model import build_model
 from multifusion.model.patch_embed import derive_patch_sizes
 from multifusion.text.features import TextFeatures
 
@@ -70,11 +71,11 @@ def test_patch_sizes_derived_coarse_to_fine(make_config, layers, expected):
 def test_non_dividing_patch_size_is_a_clear_error(make_config):
     cfg = make_config({"hnf.patch_sizes": [12, 8, 4]})
     with pytest.raises(ValueError, match=r"hnf.patch_sizes: patch size 12 does not divide data.image_size 64"):
-        build_model(cfg, 4, random_text())
+        build_model(cfg, 3, random_text())
     with pytest.raises(ValueError, match=r"data.image_size 60 .* hnf.layers=3"):
-        build_model(make_config({"data.image_size": 60}), 4, random_text())
+        build_model(make_config({"data.image_size": 60}), 3, random_text())
     with pytest.raises(ValueError, match="hnf.patch_sizes has 2 entries but hnf.layers is 3"):
-        build_model(make_config({"hnf.patch_sizes": [16, 8]}), 4, random_text())
+        build_model(make_config({"hnf.patch_sizes": [16, 8]}), 3, random_text())
 
 
 COMBOS = list(itertools.product(["ode", "transformer", "none"], [True, False], ["off", "mha", "concat"]))
@@ -121,7 +122,7 @@ def test_adjoint_gradients_match_direct_backprop(make_config):
     grads = []
     for adjoint in (False, True):
         torch.manual_seed(0)
-        cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.patch_sizes": [8], "hnf.ode.adjoint": adjoint}))
+        cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.patch_sizes": [8], "hnf.ode.adjoint": adjoint, "hnf.ode.steps": 4}))
         model = build_model(cfg, 3, random_text())
         model(images(2, 32)).square().sum().backward()
         grads.append(model.layers[0].sequence.forward_field.mlp.fc1.weight.grad.clone())
@@ -201,8 +202,7 @@ def test_text_buffers_travel_in_the_state_dict(make_config, tmp_path):
     assert "text.token_states" not in trainable and "text.attention_mask" not in trainable
 
     save_file(state, str(tmp_path / "model.safetensors"))
-    T, L, D = text.token_states.shape
-    rebuilt = build_model(cfg, 3, placeholder_text(T, L, D)).eval()
+    rebuilt = build_model(cfg, 3, placeholder_text(text_record(text))).eval()
     rebuilt.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     x = images(3, 32)
     with torch.no_grad():

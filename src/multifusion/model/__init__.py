@@ -5,7 +5,7 @@
 
 The text features of all class descriptions live inside the model as persistent buffers;
 to rebuild a model before ``load_state_dict``, pass a TextFeatures of zeros of the stored
-shape (see ``placeholder_text``).
+shape with the stored class names (``multifusion.checkpoint.placeholder_text``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,22 @@ from multifusion.config import Config
 from multifusion.model.hnf import MultiFusion
 from multifusion.text.features import TextFeatures
 
-__all__ = ["MultiFusion", "build_model", "placeholder_text"]
+__all__ = ["MultiFusion", "build_model", "description_classes"]
+
+
+def description_classes(text: TextFeatures, num_classes: int) -> torch.Tensor:
+    """(T,) class index of every description, classes numbered in order of first appearance.
+
+    The describe stage writes descriptions class by class in classes.json order, so this
+    numbering is the label numbering of the prepared data.
+    """
+    order = list(dict.fromkeys(text.class_names))
+    if len(order) != num_classes:
+        raise ValueError(
+            f"the text features describe {len(order)} classes but the data has {num_classes}; "
+            "re-run `dvc repro describe embed_text` for the current data/prepared/classes.json"
+        )
+    return torch.tensor([order.index(name) for name in text.class_names], dtype=torch.long)
 
 
 def build_model(cfg: Config, num_classes: int, text: TextFeatures | None) -> nn.Module:
@@ -31,18 +46,5 @@ def build_model(cfg: Config, num_classes: int, text: TextFeatures | None) -> nn.
                 "fusion.text is true but no text features were given; run `dvc repro embed_text` "
                 "(data/text_features/) or set fusion.text: false"
             )
-        return MultiFusion(cfg, num_classes, text.token_states, text.attention_mask)
+        return MultiFusion(cfg, num_classes, text.token_states, text.attention_mask, description_classes(text, num_classes))
     return MultiFusion(cfg, num_classes)
-
-
-def placeholder_text(num_texts: int, length: int, dim: int) -> TextFeatures:
-    """A TextFeatures of zeros of shape (T, L, D): rebuilds a text model whose real text
-    buffers then come from its state_dict."""
-    return TextFeatures(
-        token_states=torch.zeros(num_texts, length, dim),
-        attention_mask=torch.zeros(num_texts, length, dtype=torch.bool),
-        sentence_embeddings=torch.zeros(num_texts, dim),
-        class_names=[""] * num_texts,
-        templates=[""] * num_texts,
-        samples=[0] * num_texts,
-    )

@@ -8,7 +8,10 @@ image sees all T descriptions of all classes, whatever its label (no label leaka
 Heads (``fusion.mode`` / ``fusion.text``):
 - ``CrossModalHead`` (mha): multi-head cross-attention both ways between the visual
   tokens (B, L, C) (the h_fus of every HNF layer) and the text embeddings (T, C)
-  broadcast to the batch; the pooled results of both sides -> classifier.
+  broadcast to the batch; the pooled results of both sides -> classifier, plus the
+  scaled cosine similarity between the image embedding and each class's mean
+  description embedding (CLIP-style: the descriptions act as class prototypes, so a
+  class's text shapes its logit for every image alike).
 - ``ConcatHead`` (concat, "simple fusion"): [top h_fus, mean text] -> MLP.
 - ``VisualHead`` (text off): top h_fus -> linear classifier.
 """
@@ -65,11 +68,16 @@ class TextEmbedding(nn.Module):
 class CrossModalHead(nn.Module):
     """Bidirectional cross-attention between visual tokens and text, then a classifier.
 
-    visual (B, L, C), text (T, C) -> logits (B, num_classes).
+    visual (B, L, C), text (T, C) -> logits (B, num_classes). ``text_classes`` (T,) is the
+    class each description describes (a persistent buffer; the same for every image).
     """
 
-    def __init__(self, dim: int, heads: int, num_layers: int, num_classes: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, num_layers: int, text_classes: torch.Tensor, num_classes: int, dropout: float
+    ) -> None:
         super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("text_classes", text_classes.detach().long().clone(), persistent=True)  # (T,)
         self.layer_embed = nn.Parameter(torch.zeros(num_layers, dim))  # which HNF layer a token came from
         # a learned "nothing" token among the visual keys: a description may attend to none
         # of the (as few as one) layer tokens, and the softmax never has a single entry
@@ -83,6 +91,13 @@ class CrossModalHead(nn.Module):
         self.norm = nn.LayerNorm(2 * dim)
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(2 * dim, num_classes)
+        self.image_proj = nn.Linear(2 * dim, dim)  # image embedding for the prototype match
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def class_prototypes(self, text: torch.Tensor) -> torch.Tensor:
+        """text (T, C) -> (K, C): mean embedding of each class's descriptions."""
+        one_hot = F.one_hot(self.text_classes, self.num_classes).to(text.dtype)  # (T, K)
+        return (one_hot.t() @ text) / one_hot.sum(0).clamp(min=1).unsqueeze(1)  # (K, C)
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         v = visual + self.layer_embed  # (B, L, C)
@@ -91,8 +106,11 @@ class CrossModalHead(nn.Module):
         keys = torch.cat([self.null_token.expand(v.shape[0], -1, -1), v_n], dim=1)  # (B, 1+L, C)
         v = v + self.visual_to_text(v_n, t_n)  # (B, L, C)
         t = t + self.text_to_visual(t_n, keys)  # (B, T, C)
-        pooled = torch.cat([v.mean(1), t.mean(1)], dim=-1)  # (B, 2C)
-        return self.classifier(self.drop(self.norm(pooled)))
+        pooled = self.drop(self.norm(torch.cat([v.mean(1), t.mean(1)], dim=-1)))  # (B, 2C)
+        image = F.normalize(self.image_proj(pooled), dim=-1)  # (B, C)
+        prototypes = F.normalize(self.class_prototypes(text), dim=-1)  # (K, C)
+        similarity = self.logit_scale.exp() * image @ prototypes.t()  # (B, K)
+        return self.classifier(pooled) + similarity
 
 
 class ConcatHead(nn.Module):

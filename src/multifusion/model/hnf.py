@@ -56,7 +56,9 @@ class HNFLayer(nn.Module):
         if self.use_sequence:
             cls = self.cls + seed.unsqueeze(1)  # (B, 1, C)
             seq = self.sequence(torch.cat([cls, tokens], dim=1))  # (B, 1+N, C)
-            h_cls = seq.mean(1) if self.pools_tokens else seq[:, 0]  # (B, C)
+            # the CLS state plus the mean patch state: a direct path from every patch, which
+            # trains far faster from scratch on ~1k images than the CLS readout alone
+            h_cls = seq.mean(1) if self.pools_tokens else seq[:, 0] + seq[:, 1:].mean(1)  # (B, C)
             branches.append(self.drop(h_cls))
         if self.use_graph:
             e_vn = self.graph(tokens, self.virtual + seed)  # (B, C)
@@ -68,8 +70,9 @@ class HNFLayer(nn.Module):
 class MultiFusion(nn.Module):
     """The HNF model with cross-modal text fusion. x (B, 1, S, S) -> logits (B, num_classes).
 
-    ``text_states`` (T, L, D_t) / ``text_mask`` (T, L) are the descriptions of ALL classes,
-    stored as persistent buffers (None when cfg.fusion.text is false).
+    ``text_states`` (T, L, D_t) / ``text_mask`` (T, L) / ``text_classes`` (T,) are the
+    descriptions of ALL classes and the class each describes, stored as persistent buffers
+    (None when cfg.fusion.text is false).
     """
 
     def __init__(
@@ -78,12 +81,13 @@ class MultiFusion(nn.Module):
         num_classes: int,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        text_classes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         hnf, fusion = cfg.hnf, cfg.fusion
         if fusion.mode not in MODES:
             raise ValueError(f"fusion.mode must be one of {MODES}, got {fusion.mode!r}; fix params.yaml")
-        if fusion.text and (text_states is None or text_mask is None):
+        if fusion.text and (text_states is None or text_mask is None or text_classes is None):
             raise ValueError("fusion.text is true but no text features were given; run embed_text or set fusion.text: false")
         self.num_classes = num_classes
         self.image_size = cfg.data.image_size
@@ -96,7 +100,7 @@ class MultiFusion(nn.Module):
         if not fusion.text:
             self.head = VisualHead(hnf.dim, num_classes, hnf.dropout)
         elif fusion.mode == "mha":
-            self.head = CrossModalHead(hnf.dim, fusion.heads, len(self.patch_sizes), num_classes, hnf.dropout)
+            self.head = CrossModalHead(hnf.dim, fusion.heads, len(self.patch_sizes), text_classes, num_classes, hnf.dropout)
         else:
             self.head = ConcatHead(hnf.dim, num_classes, hnf.dropout)
         self.apply(_init_weights)

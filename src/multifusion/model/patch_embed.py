@@ -82,7 +82,6 @@ class ResidualBlock(nn.Module):
         self.norm1 = _norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = _norm(c_out)
-        nn.init.zeros_(self.norm2.weight)  # the block starts as its shortcut
         self.shortcut = (
             nn.Identity()
             if stride == 1 and c_in == c_out
