@@ -88,8 +88,8 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
             continue
         try:
             return max(0.0, float(value) / scale)
-        except ValueError:
-            pass
+        except ValueError:  # an HTTP date, parsed below
+            continue
     value = headers.get("retry-after")
     parsed = email.utils.parsedate_to_datetime(value) if value else None
     return max(0.0, parsed.timestamp() - time.time()) if parsed else None
