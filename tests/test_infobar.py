@@ -56,3 +56,21 @@ def test_synthetic_dark_and_light_bars_found():
 def test_flat_image_is_not_cropped():
     assert find_info_bar(np.zeros((100, 120), np.uint8)) == 100
     assert find_info_bar(np.full((100, 120), 255, np.uint8)) == 100
+
+
+def test_blockwise_search_matches_all_rows(monkeypatch):
+    """The bottom-up block search gives the answer of computing every row's share at once,
+    on bars under content of every kind, including content as dark as the bar."""
+    from multifusion.data import infobar
+
+    cases = [np.asarray(Image.open(p).convert("L")) for p in NCM]
+    for i, class_name in enumerate(CLASSES * 3):
+        image = render_image(11, class_name, i, 400, 300, info_bar=False)
+        if i % 3 == 2:
+            image[150:] = image[150:] // 8  # a dark lower half: bar-coloured content above the bar
+        cases.append(burn_info_bar(image, np.random.default_rng(i))[0])
+        cases.append(image)
+    blockwise = [find_info_bar(grey) for grey in cases]
+    monkeypatch.setattr(infobar, "BLOCK", 10**6)
+    assert blockwise == [find_info_bar(grey) for grey in cases]
+    assert sum(top < len(grey) for top, grey in zip(blockwise, cases)) >= len(NCM) + len(CLASSES) * 3 - 2

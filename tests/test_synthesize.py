@@ -53,7 +53,7 @@ def test_reshots_are_near_duplicates(make_config):
     assert 2 <= len(reshots) <= 30  # about 6%
     close = 0
     for c, i in reshots:
-        a = perceptual_hash(preprocess(render_image(42, c, i, 320, 240), data).reduced)
-        b = perceptual_hash(preprocess(render_image(42, c, scene_index(42, c, i), 320, 240), data).reduced)
+        a = perceptual_hash(preprocess(Image.fromarray(render_image(42, c, i, 320, 240)), data).reduced)
+        b = perceptual_hash(preprocess(Image.fromarray(render_image(42, c, scene_index(42, c, i), 320, 240)), data).reduced)
         close += bin(a ^ b).count("1") <= data.near_duplicate_bits
     assert close >= 0.8 * len(reshots)

@@ -21,6 +21,7 @@ LEVEL_TOL = 5  # grey levels around the strip's colour that count as "strip"
 FLAT_ROW = 0.9  # the bar's top row (its border) is at least this strip-coloured
 STEP = 0.4  # ... and this much more than the rows of micrograph just above it
 TEXT_ROW = 0.15  # no row of the bar is less strip-coloured than this (text is sparse)
+BLOCK = 96  # rows of strip shares computed at a time, from the bottom up
 
 
 def strip_level(grey: np.ndarray) -> int:
@@ -33,38 +34,61 @@ def strip_level(grey: np.ndarray) -> int:
 
 def row_strip_share(grey: np.ndarray, level: int) -> np.ndarray:
     """Per row, the share of pixels within LEVEL_TOL of ``level``: (H,) float."""
-    lo, hi = np.uint8(max(0, level - LEVEL_TOL)), np.uint8(min(255, level + LEVEL_TOL))
-    return np.count_nonzero((grey >= lo) & (grey <= hi), axis=1) / grey.shape[1]
+    lo, hi = max(0, level - LEVEL_TOL), min(255, level + LEVEL_TOL)
+    # One subtract and one compare: uint8 wrap-around sends levels below lo above hi - lo.
+    near = (grey - np.uint8(lo)) <= np.uint8(hi - lo)  # (H, W) bool
+    return near.view(np.uint8).sum(axis=1, dtype=np.uint32) / grey.shape[1]
+
+
+def bar_search_start(height: int) -> int:
+    """First row of the bottom MAX_FRACTION of an image ``height`` rows tall: a bar lies below it."""
+    return height - int(height * MAX_FRACTION)
 
 
 def find_info_bar(grey: np.ndarray) -> int:
-    """Index of the first row of the bottom info bar, or H when there is none.
+    """Index of the first row of the bottom info bar of grey uint8 (H, W), or H when there is none."""
+    start = bar_search_start(grey.shape[0])
+    return start + bar_top(grey[start:])
 
-    grey: uint8 (H, W). The bar's top is the highest row that is (a) flat at the strip
-    colour, (b) a sharp step up from the rows above it, and (c) above only bar rows (each
-    at least TEXT_ROW strip-coloured) down to the bottom edge. The one or two rows that
-    resizing blended between micrograph and bar are cropped with it.
+
+def bar_top(region: np.ndarray) -> int:
+    """Index in ``region`` (uint8 (R, W), the bottom rows of a micrograph) of the bar's first
+    row, or R when there is none.
+
+    The bar's top is the highest row that is (a) flat at the strip colour, (b) a sharp
+    step up from the rows above it, and (c) above only bar rows (each at least TEXT_ROW
+    strip-coloured) down to the bottom edge. The one or two rows that resizing blended
+    between micrograph and bar are cropped with it.
     """
-    h = grey.shape[0]
-    lowest = h - int(h * MAX_FRACTION)  # search the bottom MAX_FRACTION of rows only
-    region = grey[lowest:]
-    share = row_strip_share(region, strip_level(region))  # (R,)
-    if share[-1] < 0.5:
-        return h
-    bar_below = np.minimum.accumulate(share[::-1])[::-1] >= TEXT_ROW  # (R,) rows r..R-1 all bar-ish
+    # Shares bottom-up, BLOCK rows at a time: every bar row is at least TEXT_ROW strip-
+    # coloured, so no candidate lies above the lowest row under TEXT_ROW, and the search
+    # stops once 6 rows above that one (what ``above`` reads) are known. Same answer as
+    # all rows at once; on a typical bar, a fifth of the work.
+    height, level = len(region), strip_level(region)
+    start, share = height, np.zeros(0)
+    while start > 0:
+        end, start = start, max(0, start - BLOCK)
+        share = np.concatenate([row_strip_share(region[start:end], level), share])  # rows start..R-1
+        if share[-1] < 0.5:
+            return height
+        under = np.flatnonzero(share < TEXT_ROW)
+        if len(under) and under[-1] >= 6:
+            break
+    rows = region[start:]  # (R', W): the rows ``share`` covers
+    bar_below = np.minimum.accumulate(share[::-1])[::-1] >= TEXT_ROW  # (R',) rows r.. all bar-ish
     csum = np.concatenate([[0.0], np.cumsum(share)])
     above = np.full_like(share, np.inf)
-    above[6:] = (csum[5:-2] - csum[:-7]) / 5  # (R,) mean share of rows r-6 .. r-2
+    above[6:] = (csum[5:-2] - csum[:-7]) / 5  # (R',) mean share of rows r-6 .. r-2
     candidates = (share >= FLAT_ROW) & bar_below & (share - above >= STEP)
     candidates[len(share) - MIN_ROWS + 1:] = False
     if not candidates.any():
-        return h
+        return height
     top = int(np.argmax(candidates))
     # Up to 2 rows blended between content and bar by resampling: their mean grey lies
     # more than a third of the way from the content's towards the strip's colour.
-    means = region[top - 6:top + 1].mean(axis=1)  # (7,) rows top-6 .. top
+    means = rows[top - 6:top + 1].mean(axis=1)  # (7,) rows top-6 .. top
     content, level = means[:4].mean(), means[6]
     for step in range(2):
         if (means[5 - step] - content) / (level - content + 1e-6) > 1 / 3:
             top -= 1
-    return lowest + top
+    return start + top

@@ -2,8 +2,9 @@
 
 Writes to ``out_dir``:
 - ``images.npy``: uint8 (N, S, S) in manifest order (``np.load(..., mmap_mode="r")``);
-- ``manifest.parquet``: id, path, sha256, label, class_name, split, group, width,
-  height, bar_rows, phash;
+- ``manifest.parquet``: id, path, sha256 (of the stored image), pixel_hash (xxh3-128 of
+  the decoded pixels: equal for exact duplicates), label, class_name, split, group,
+  width, height, bar_rows, phash;
 - ``classes.json``: the ordered class names (``label`` indexes it);
 - ``report.json``: scanned, kept, skipped [{path, reason}], duplicates
   [{path, duplicate_of}], per-class and per-split counts, grouping figures.
@@ -39,12 +40,12 @@ def _keep_unique(records: list[Record]) -> tuple[list[int], list[dict[str, str]]
     first: dict[str, int] = {}
     kept, duplicates = [], []
     for i, record in enumerate(records):
-        if record.sha256 in first:
-            original = records[first[record.sha256]].path
+        if record.pixel_hash in first:
+            original = records[first[record.pixel_hash]].path
             duplicates.append({"path": record.path, "duplicate_of": original})
             log.info("duplicate %s: same pixels as %s; kept once", record.path, original)
         else:
-            first[record.sha256] = i
+            first[record.pixel_hash] = i
             kept.append(i)
     return kept, duplicates
 
@@ -99,6 +100,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "id": [Path(r.path).relative_to(root).as_posix() for r, _, _ in good],
         "path": [r.path for r, _, _ in good],
         "sha256": [r.sha256 for r, _, _ in good],
+        "pixel_hash": [r.pixel_hash for r, _, _ in good],
         "label": labels,
         "class_name": [c for _, c, _ in good],
         "split": splits,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+
+from multifusion.data.resample import filter_matrix
 
 SPLITS = ("train", "val", "test")
 
@@ -30,13 +32,20 @@ def _dct_rows(n: int, k: int) -> np.ndarray:
 DCT_8x32 = _dct_rows(32, 8)  # (8, 32)
 
 
+@lru_cache(maxsize=16)
+def _hash_projection(in_size: int) -> np.ndarray:
+    """(8, in_size) float32: Pillow's box average to 32 samples, then the 8 lowest DCT rows."""
+    return (DCT_8x32 @ filter_matrix(in_size, 32, "box")).astype(np.float32)
+
+
 def perceptual_hash(image: np.ndarray) -> int:
-    """64-bit pHash of a grey image: signs of the 8x8 lowest DCT frequencies of a 32x32
-    box-averaged copy against their median (DC excluded). Robust to noise, contrast and
-    small shifts. Equals ``scipy.fft.dctn(small, norm="ortho")[:8, :8]`` thresholded."""
-    small = np.asarray(Image.fromarray(image).resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
-    low = (DCT_8x32 @ small @ DCT_8x32.T).ravel()  # (64,)
-    bits = low > np.median(low[1:])
+    """64-bit pHash of a grey image (H, W): signs of the 8x8 lowest DCT frequencies of its
+    32x32 box average against their median (DC excluded). Robust to noise, contrast and
+    small shifts. Equals ``scipy.fft.dctn(small, norm="ortho")[:8, :8]`` thresholded,
+    ``small`` the 32x32 box average, with the average folded into the DCT matrices."""
+    rows, cols = _hash_projection(image.shape[0]), _hash_projection(image.shape[1])  # (8, H), (8, W)
+    low = (rows @ image.astype(np.float32) @ cols.T).ravel()  # (64,)
+    bits = low > np.partition(low[1:], 31)[31]  # the median of the 63 AC terms
     return int(np.packbits(bits).view(">u8")[0])
 
 
