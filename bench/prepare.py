@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +54,9 @@ def floor_loop(paths: list[str], size: int) -> float:
     return time.perf_counter() - start
 
 
-def floor_pool(paths: list[str], size: int, workers: int) -> float:
-    """The floor on ``workers`` processes, chunked as prepare chunks. Returns seconds."""
-    start = time.perf_counter()
-    with Pool(workers) as pool:
-        list(pool.imap(partial(floor_one, size=size), paths, chunksize=max(1, min(32, len(paths) // (8 * workers)))))
-    return time.perf_counter() - start
-
-
 def pool_run(work, paths: list[str], workers: int) -> float:
-    """``work`` over all paths the way ``prepare`` maps files (``map_files``). Returns seconds."""
+    """``work`` over all paths on ``workers`` processes the way ``prepare`` maps files
+    (``map_files``: same chunks, one BLAS thread each). Returns seconds."""
     start = time.perf_counter()
     results = list(map_files(work, paths, workers, progress=False))
     seconds = time.perf_counter() - start
@@ -81,10 +73,11 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     data = load_config(args.params, {"data.image_size": args.size}).data
+    floor = partial(floor_one, size=args.size)
     micrograph, per_file = partial(load_micrograph, data=data), partial(prepare_file, data=data)
     runs = {  # name -> (cores, timed run); each round runs all of them, in this order
         "PIL open+grey+resize (floor)": (1, lambda paths: floor_loop(paths, args.size)),
-        "PIL floor in a process pool (this machine)": (cores, lambda paths: floor_pool(paths, args.size, cores)),
+        "PIL floor in a process pool (this machine)": (cores, lambda paths: pool_run(floor, paths, cores)),
         "prepare decode+crop+resize": (1, lambda paths: pool_run(micrograph, paths, 1)),
         "prepare decode+crop+resize ": (cores, lambda paths: pool_run(micrograph, paths, cores)),
         "prepare per file: + 3 hashes": (1, lambda paths: pool_run(per_file, paths, 1)),

@@ -155,6 +155,48 @@ def test_duplicates_near_copies_and_groups_share_a_split(tmp_path, make_config):
     assert pd.read_parquet(tmp_path / "out2" / "manifest.parquet").equals(manifest) and again["kept"] == report["kept"]
 
 
+def test_exact_duplicates_are_same_pixels_in_any_format(tmp_path, make_config):
+    """Same pixels as PNG, TIFF and BMP are one image; one changed pixel is another image
+    (kept, and grouped with it as a near-copy)."""
+    root = tmp_path / "raw"
+    for c in range(2):
+        for i in range(6):
+            save(root / f"C{c}" / f"m{i}.png", texture(10 * c + i))
+    base = texture(0)
+    save(root / "C0" / "m0_again.tif", base)
+    save(root / "C0" / "m0_again.bmp", base)
+    one_pixel = base.copy()
+    one_pixel[40, 50] ^= 1
+    save(root / "C0" / "m0_one_pixel.png", one_pixel)
+    report = prepare_dataset(root, tmp_path / "out", make_config().data, seed=0, progress=False)
+    assert sorted(d["path"] for d in report["duplicates"]) == [str(root / "C0" / "m0_again.bmp"), str(root / "C0" / "m0_again.tif")]
+    assert {d["duplicate_of"] for d in report["duplicates"]} == {str(root / "C0" / "m0.png")}
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("id")
+    assert manifest.loc["C0/m0_one_pixel.png", "pixel_hash"] != manifest.loc["C0/m0.png", "pixel_hash"]
+    assert manifest.loc["C0/m0_one_pixel.png", "group"] == manifest.loc["C0/m0.png", "group"]
+    assert manifest["sha256"].str.fullmatch("[0-9a-f]{64}").all() and manifest["pixel_hash"].str.fullmatch("[0-9a-f]{32}").all()
+
+
+def test_grey_pixels_shared_or_copied_and_outlives_the_image(tmp_path):
+    """Zero-copy where Pillow exports Arrow; a copy for images Pillow keeps in several
+    blocks (over 16 MB); either way equal to np.asarray and valid after the image is gone."""
+    import gc
+
+    from multifusion.data.ingest import grey_pixels
+
+    small = texture(3, 120, 160)
+    path = save(tmp_path / "small.tif", small)
+    view = decode_grey(path, 10**8)
+    gc.collect()
+    assert np.array_equal(view, small)
+    big = np.random.default_rng(1).integers(0, 256, (4200, 4200), dtype=np.uint8)  # 17.6 MB: several blocks
+    image = Image.fromarray(big).copy()
+    pixels = grey_pixels(image)
+    del image
+    gc.collect()
+    assert pixels.shape == (4200, 4200) and np.array_equal(pixels, big)
+
+
 def test_split_stratified_deterministic_and_given_layout():
     labels = np.repeat(np.arange(5), [100, 50, 20, 7, 2])
     groups = np.arange(len(labels))

@@ -259,7 +259,7 @@ def map_files(work: Callable[[str], T], paths: list[str], workers: int, progress
                 bar.update()
     else:
         with Pool(workers, initializer=_one_blas_thread) as pool:
-            for result in pool.imap(work, paths, chunksize=max(1, min(32, len(paths) // (8 * workers)))):
+            for result in pool.imap(work, paths, chunksize=max(1, min(128, len(paths) // (8 * workers)))):
                 yield result
                 bar.update()
     bar.close()
