@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from multifusion.checkpoint import CONFIG, load_model
@@ -151,34 +152,37 @@ def predict_paths(
     sheet: list[tuple[float, int, SheetEntry]] = []  # max-heap on probability via negation
     n_read = 0
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
-    for batch in decode_batches(items, data, batch_size, data.workers if workers is None else workers):
-        good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
-        probs = np.zeros((0, len(classes)))
-        if good:
-            images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            probs = predict_probs(loaded.model, images, batch_size, device, temperature=loaded.temperature)  # (B, C)
-        prob_of = dict(zip(good, probs))
-        for i, (path, image, reason) in enumerate(batch):
-            row: dict = {"path": str(path), "status": "ok" if image is not None else "error"}
-            if image is None:
-                rows.append(row | {"uncertain": "", "error": reason})  # class/prob columns stay empty
-                continue
-            p = prob_of[i]
-            order = np.argsort(-p, kind="stable")[:k]
-            for r, c in enumerate(order, start=1):
-                row[f"top{r}_class"] = classes[c]
-                row[f"top{r}_prob"] = round(float(p[c]), 6)
-            row["uncertain"] = bool(p[order[0]] < uncertain_threshold)
-            row["error"] = ""
-            rows.append(row)
-            n_read += 1
-            if contact_sheet_size > 0:
-                entry = SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order])
-                heapq.heappush(sheet, (-float(p[order[0]]), -len(rows), entry))
-                if len(sheet) > contact_sheet_size:
-                    heapq.heappop(sheet)  # drops the most certain
-        bar.update(len(batch))
-    bar.close()
+    # Decoding threads run beside torch: one BLAS thread each (load_micrograph's resize is
+    # a small product; a multi-threaded BLAS per decoding thread oversubscribes the cores).
+    with threadpool_limits(limits=1, user_api="blas"):
+        for batch in decode_batches(items, data, batch_size, data.workers if workers is None else workers):
+            good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
+            probs = np.zeros((0, len(classes)))
+            if good:
+                images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
+                probs = predict_probs(loaded.model, images, batch_size, device, temperature=loaded.temperature)  # (B, C)
+            prob_of = dict(zip(good, probs))
+            for i, (path, image, reason) in enumerate(batch):
+                row: dict = {"path": str(path), "status": "ok" if image is not None else "error"}
+                if image is None:
+                    rows.append(row | {"uncertain": "", "error": reason})  # class/prob columns stay empty
+                    continue
+                p = prob_of[i]
+                order = np.argsort(-p, kind="stable")[:k]
+                for r, c in enumerate(order, start=1):
+                    row[f"top{r}_class"] = classes[c]
+                    row[f"top{r}_prob"] = round(float(p[c]), 6)
+                row["uncertain"] = bool(p[order[0]] < uncertain_threshold)
+                row["error"] = ""
+                rows.append(row)
+                n_read += 1
+                if contact_sheet_size > 0:
+                    entry = SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order])
+                    heapq.heappush(sheet, (-float(p[order[0]]), -len(rows), entry))
+                    if len(sheet) > contact_sheet_size:
+                        heapq.heappop(sheet)  # drops the most certain
+            bar.update(len(batch))
+        bar.close()
 
     table = pd.DataFrame(rows, columns=_columns(k))
     least_certain = [entry for _, _, entry in sorted(sheet, key=lambda t: (-t[0], -t[1]))]
