@@ -2,7 +2,7 @@
 the floor of the work -- a plain PIL open + grey + resize loop on one core -- over the
 same 1024x768 8-bit TIFFs (like the NFFA originals), in the same run.
 
-    python bench/prepare.py [--images 1000] [--size 64] [--repeat 3]
+    python bench/prepare.py [--images 1000] [--size 64] [--repeat 5]
 
 Target: decode+crop+resize (``load_micrograph``, what ``prepare`` stores per file) on all
 cores >= 0.8 x (floor x cores). Also printed: the stage's whole per-file work
@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; each row keeps its fastest")
+    parser.add_argument("--repeat", type=int, default=5, help="rounds; each row keeps its fastest")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
     cores = os.cpu_count() or 1

@@ -1,6 +1,7 @@
 """prepare: decoding of every supported kind, bad input, duplicates, groups and splits."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -256,3 +257,32 @@ def test_ncm_fixtures_prepared_without_bar(tmp_path, make_config):
     assert manifest.bar_rows.between(25, 29).all()
     images = np.load(tmp_path / "out" / "images.npy")
     assert not ((images < 6).mean(axis=2) >= 0.9).any()
+
+
+def _blas_threads(_: str) -> tuple[list[int], int]:
+    """In a worker, after a BLAS product: (BLAS libraries' thread limits, OS threads)."""
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 233), np.float32) @ np.ones((233, 233), np.float32)
+    tasks = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"], tasks
+
+
+def test_map_files_runs_in_order_with_one_blas_thread_per_worker():
+    """Workers inherit the one-thread BLAS limit set before they fork: no BLAS thread of
+    their own (a limit set in a pool initializer leaves one per worker, spinning at ~50%
+    of a core while idle: measured). Results come back in input order; the parent's limit
+    is restored afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from multifusion.data.ingest import map_files
+
+    np.ones((300, 300)) @ np.ones((300, 300))  # the parent's BLAS threads are running
+    before = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    paths = [f"p{i}" for i in range(40)]
+    for workers in (1, 2):
+        for limits, tasks in map_files(_blas_threads, paths, workers, progress=False):
+            assert limits == [1] * len(before)
+            assert workers == 1 or tasks == 1
+        assert list(map_files(str.upper, paths, workers, progress=False)) == [p.upper() for p in paths]
+    assert [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"] == before

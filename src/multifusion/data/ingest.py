@@ -239,29 +239,26 @@ def prepare_file(path: str, data: DataConfig) -> Record:
                   width=image.width, height=image.height, bar_rows=out.bar_rows)
 
 
-def _one_blas_thread() -> None:
-    """Pool initializer: one BLAS thread per worker process. The resize and hash products
-    are small; a multi-threaded BLAS in each of ``cores`` processes oversubscribes the
-    cores (measured: 15x slower on 2 cores)."""
-    threadpool_limits(limits=1, user_api="blas")
-
-
 def map_files(work: Callable[[str], T], paths: list[str], workers: int, progress: bool = True,
               desc: str = "prepare") -> Iterator[T]:
     """``work(path)`` for every path, in order, on ``workers`` processes (0 = all cores),
-    each with one BLAS thread; with a progress bar."""
+    with a progress bar.
+
+    BLAS is held to one thread here, before the worker processes fork (they inherit it):
+    the resize and hash products are small, and a multi-threaded BLAS in each of
+    ``cores`` processes oversubscribes the cores (measured: 15x slower on 2 cores)."""
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
-    if workers == 1 or len(paths) < 2 * workers:
-        with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1 or len(paths) < 2 * workers:
             for path in paths:
                 yield work(path)
                 bar.update()
-    else:
-        with Pool(workers, initializer=_one_blas_thread) as pool:
-            for result in pool.imap(work, paths, chunksize=max(1, min(128, len(paths) // (8 * workers)))):
-                yield result
-                bar.update()
+        else:
+            with Pool(workers) as pool:
+                for result in pool.imap(work, paths, chunksize=max(1, min(128, len(paths) // (4 * workers)))):
+                    yield result
+                    bar.update()
     bar.close()
 
 
