@@ -74,7 +74,7 @@ def bar_top(region: np.ndarray) -> int:
         under = np.flatnonzero(share < TEXT_ROW)
         if len(under) and under[-1] >= 6:
             break
-    first = max(6, under[-1] + 1 if len(under) else 0)  # rows first.. lie above bar rows only
+    first = max(6, under[-1] + 1 if len(under) else 0)  # from row first down, only bar-ish rows
     last = len(share) - MIN_ROWS + 1  # ... and have MIN_ROWS bar rows to the bottom
     if first >= last:
         return height
@@ -89,8 +89,8 @@ def bar_top(region: np.ndarray) -> int:
     # Up to 2 rows blended between content and bar by resampling: their mean grey lies
     # more than a third of the way from the content's towards the strip's colour.
     means = (region[start + top - 6:start + top + 1].sum(axis=1, dtype=np.int64) / region.shape[1]).tolist()
-    content, level = sum(means[:4]) / 4, means[6]  # rows top-6 .. top-3; the bar's top row
+    content, strip = sum(means[:4]) / 4, means[6]  # rows top-6 .. top-3; the bar's top row
     for step in range(2):
-        if (means[5 - step] - content) / (level - content + 1e-6) > 1 / 3:
+        if (means[5 - step] - content) / (strip - content + 1e-6) > 1 / 3:
             top -= 1
     return start + top

@@ -239,16 +239,17 @@ def prepare_file(path: str, data: DataConfig) -> Record:
                   width=image.width, height=image.height, bar_rows=out.bar_rows)
 
 
-def map_files(work: Callable[[str], T], paths: list[str], workers: int, progress: bool = True,
-              desc: str = "prepare") -> Iterator[T]:
+def map_files(work: Callable[[str], T], paths: list[str], workers: int, progress: bool = True) -> Iterator[T]:
     """``work(path)`` for every path, in order, on ``workers`` processes (0 = all cores),
     with a progress bar.
 
-    BLAS is held to one thread here, before the worker processes fork (they inherit it):
-    the resize and hash products are small, and a multi-threaded BLAS in each of
-    ``cores`` processes oversubscribes the cores (measured: 15x slower on 2 cores)."""
+    BLAS is held to one thread here, before the worker processes fork, so they inherit
+    it: the resize and hash products are small, and a multi-threaded BLAS in each of
+    ``cores`` processes oversubscribes the cores (15x slower on 2 cores); a limit set
+    in a pool initializer instead leaves each worker an idle BLAS thread spinning at
+    ~50% of a core (both measured)."""
     workers = workers or os.cpu_count() or 1
-    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress)
+    bar = tqdm(total=len(paths), desc="prepare", unit="img", disable=not progress)
     with threadpool_limits(limits=1, user_api="blas"):
         if workers == 1 or len(paths) < 2 * workers:
             for path in paths:
