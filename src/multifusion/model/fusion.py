@@ -99,6 +99,13 @@ class CrossModalHead(nn.Module):
         one_hot = F.one_hot(self.text_classes, self.num_classes).to(text.dtype)  # (T, K)
         return (one_hot.t() @ text) / one_hot.sum(0).clamp(min=1).unsqueeze(1)  # (K, C)
 
+    def description_attention(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """How much the image attends to each description: visual (B, L, C), text (T, C) -> (B, T),
+        the visual-to-text attention weights averaged over heads and visual tokens (rows sum to 1)."""
+        v = self.norm_v(visual + self.layer_embed)  # (B, L, C)
+        t = self.norm_t(text).unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C)
+        return self.visual_to_text.attention_weights(v, t).mean(dim=(1, 2))  # (B, T)
+
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         v = visual + self.layer_embed  # (B, L, C)
         t = text.unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C): identical for every image

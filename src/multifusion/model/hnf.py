@@ -134,6 +134,18 @@ class MultiFusion(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """The module whose output is the last convolutional feature map (B, C, h, w): Grad-CAM's target."""
+        return self.embed.stem
+
+    def description_attention(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (B, 1, S, S) -> (B, T) visual-to-text attention over the descriptions (rows sum
+        to 1), in the order of the stored text features; None without cross-modal attention."""
+        if not isinstance(self.head, CrossModalHead):
+            return None
+        return self.head.description_attention(self.forward_features(x), self.text_embeddings())
+
 
 def _init_weights(module: nn.Module) -> None:
     """timm ViT init: trunc-normal(0.02) linear weights, zero biases, unit LayerNorm."""

@@ -9,6 +9,8 @@ default, dopri5 (adaptive, rtol/atol) and the adjoint method as options.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,14 @@ class Attention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+
+    def attention_weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The softmax weights of ``forward`` (no dropout): x (B, N, C), context (B, M, C) -> (B, h, N, M)."""
+        B, N, C = x.shape
+        M, h = context.shape[1], self.heads
+        q = self.q(x).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        k = self.kv(context).view(B, M, 2, h, C // h)[:, :, 0].transpose(1, 2)  # (B, h, M, d)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // h), dim=-1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
