@@ -3,7 +3,8 @@
     python stages/describe.py --classes data/prepared/classes.json --prompts prompts \
         --cache data/llm/cache --out data/descriptions.parquet --metrics metrics/llm.json
 
-llm.provider=curated (default) takes the shipped texts of prompts/curated/; =openai asks
+llm.provider=curated (default) takes the shipped texts of prompts/curated/ (a class with
+none gets descriptions built from its label, provider=label, with one warning); =openai asks
 any OpenAI-compatible server (OPENAI_API_KEY, OPENAI_BASE_URL from the environment only)
 and sends only the requests missing from the cache.
 """

@@ -103,12 +103,76 @@ def test_curated_default_covers_nffa_and_ncm_offline(make_config, tmp_path):
     assert two.table.groupby(["class_name", "template"])["description"].nunique().eq(2).all()
 
 
-def test_curated_missing_class_names_it_and_the_fix(make_config, tmp_path):
+def test_class_without_curated_text_falls_back_to_its_label(make_config, tmp_path, caplog):
+    llm = make_config().llm
+    with caplog.at_level("WARNING", logger="multifusion.describe"):
+        result = describe(llm, ["Particles", "Graphene_flakes", "Hollow_spheres"], PROMPTS, tmp_path, env={})
+    table, m = result.table, result.metrics
+    fallback = table[table["class_name"] != "Particles"]
+    assert set(fallback["provider"]) == {"label"} and set(fallback["model"]) == {"label"}
+    assert set(table.loc[table["class_name"] == "Particles", "provider"]) == {"curated"}
+    assert fallback["description"].str.contains("Graphene flakes|Hollow spheres").all()
+    assert fallback.groupby("class_name")["description"].nunique().eq(len(llm.templates)).all()  # one per template
+    assert m["fallback_classes"] == ["Graphene_flakes", "Hollow_spheres"] and m["fallback_descriptions"] == 2 * len(llm.templates)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "Graphene_flakes, Hollow_spheres" in warnings[0]
+    assert "--init" in warnings[0] and "llm.provider=openai" in warnings[0] and "llm.base_url" in warnings[0]
+    from multifusion.text.corpus import build_corpus
+
+    only_labels = describe(llm, ["Graphene_flakes", "Hollow_spheres"], PROMPTS, tmp_path, env={}).table
+    assert len(build_corpus(only_labels, 0.15, 0).train) >= 5  # enough sentences for the LM on labels alone
+    assert describe(llm, ["Particles"], PROMPTS, tmp_path, env={}).metrics["fallback_classes"] == []
+
+
+def _prompts_copy(tmp_path: Path) -> Path:
+    prompts = tmp_path / "prompts"
+    shutil.copytree(PROMPTS, prompts)
+    return prompts
+
+
+def test_partly_curated_class_names_the_gap_and_the_fix(make_config, tmp_path):
+    prompts = _prompts_copy(tmp_path)
+    (prompts / "curated" / "mine.yaml").write_text("version: curated-v1\nclasses:\n  Rods:\n    morphology: [Long thin rods side by side.]\n")
     with pytest.raises(CuratedMissingError) as err:
-        describe(make_config().llm, ["Particles", "Graphene_flakes"], PROMPTS, tmp_path, env={})
+        describe(make_config().llm, ["Particles", "Rods"], prompts, tmp_path / "cache", env={})
     message = str(err.value)
-    assert "Graphene_flakes" in message and "Particles" not in message.split("(")[0]
+    assert "Rods/synthesis/sample 0" in message and "Particles" not in message.split("(")[0]
     assert "prompts/curated" in message and "llm.provider=openai" in message
+
+
+def test_init_skeleton_merges_with_the_shipped_files_and_fills_from_an_llm_run(make_config, tmp_path):
+    from typer.testing import CliRunner
+
+    from multifusion.cli import app
+    from multifusion.llm.curated import load_curated
+
+    prompts = _prompts_copy(tmp_path)
+    data = tmp_path / "own"
+    for name in ("Rods", "Particles", "Hollow_spheres"):
+        (data / name).mkdir(parents=True)
+        (data / name / "a.png").write_bytes(b"png")
+    common = ["describe", "--classes", str(data), "--prompts", str(prompts), "--params", str(REPO / "params.yaml")]
+    skeleton = prompts / "curated" / "own.yaml"
+    done = CliRunner().invoke(app, [*common, "--init", str(skeleton)])
+    assert done.exit_code == 0, done.output
+    assert "2 class(es)" in done.output and "already in" in done.output and "Particles" in done.output
+    curated = load_curated(prompts)  # merges with nffa.yaml and ncm.yaml: one version, no duplicate class
+    assert curated.texts["Rods"] == {t: [] for t in make_config().llm.templates} and "Particles" not in skeleton.read_text()
+    rows = describe(make_config().llm, ["Hollow_spheres", "Rods"], prompts, tmp_path / "cache", {}).table
+    assert set(rows["provider"]) == {"label"}  # an empty skeleton keeps the fallback
+    again = CliRunner().invoke(app, [*common, "--init", str(skeleton)])
+    assert again.exit_code == 2 and "already exists" in again.output
+
+    llm_rows = rows.assign(provider="openai", description=[f"Answer {i}: thin # rods, 'quoted': yes" + " word" * 30 for i in range(len(rows))])
+    llm_rows.to_parquet(tmp_path / "llm.parquet")
+    skeleton.unlink()
+    done = CliRunner().invoke(app, [*common, "--init", str(skeleton), "--from-descriptions", str(tmp_path / "llm.parquet")])
+    assert done.exit_code == 0 and f"{len(rows)} texts filled in" in done.output, done.output
+    curated = load_curated(prompts)
+    for row in llm_rows.itertuples():
+        assert curated.texts[row.class_name][row.template][row.sample] == row.description  # round trip, verbatim
+    filled = describe(make_config().llm, ["Hollow_spheres", "Rods"], prompts, tmp_path / "cache", {})
+    assert set(filled.table["provider"]) == {"curated"} and filled.metrics["fallback_classes"] == []
 
 
 # -- openai provider -----------------------------------------------------------------------
@@ -185,17 +249,20 @@ def test_dry_run_counts_cached_and_sends_nothing(make_config, server, tmp_path):
     assert not server.records
 
 
-def test_cli_dry_run_reports_missing_curated_text(tmp_path):
+def test_cli_dry_run_reports_label_fallback_and_missing_curated_text(tmp_path):
     from typer.testing import CliRunner
 
     from multifusion.cli import app
 
     classes = tmp_path / "classes.json"
-    classes.write_text(json.dumps(["Particles", "Graphene_flakes"]))
+    classes.write_text(json.dumps(["Particles", "Graphene_flakes", "Rods"]))
+    prompts = _prompts_copy(tmp_path)
+    (prompts / "curated" / "mine.yaml").write_text("version: curated-v1\nclasses:\n  Rods:\n    morphology: [Long thin rods side by side.]\n")
     result = CliRunner().invoke(app, ["describe", "--dry-run", "--classes", str(classes), "--params", str(REPO / "params.yaml"),
-                                      "--prompts", str(PROMPTS), "--cache", str(tmp_path / "cache")])
+                                      "--prompts", str(prompts), "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
-    assert "0 requests would be sent" in result.output and "MISSING curated text: Graphene_flakes / morphology" in result.output
+    assert "0 requests would be sent" in result.output and "MISSING curated text: Rods / synthesis" in result.output
+    assert "label fallback (provider=label): 1 class(es)" in result.output and "Graphene_flakes" in result.output
     assert "Particles" not in result.output.split("MISSING", 1)[1]
 
 

@@ -3,6 +3,8 @@ the library function that does the work."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiFusion: nanomaterial identification in electron micrographs.")
@@ -17,7 +19,9 @@ def main() -> None:
 def describe(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the prompts that would be sent, how many are cached and a token estimate; send nothing."),
     show_prompts: bool = typer.Option(True, "--show-prompts/--no-prompts", help="With --dry-run: print each prompt's full text."),
-    classes: str = typer.Option("data/prepared/classes.json", "--classes", help="Ordered class names (written by the prepare stage)."),
+    classes: str = typer.Option("data/prepared/classes.json", "--classes", help="Ordered class names (written by the prepare stage), or a data folder <root>/<Class>/*."),
+    init: str | None = typer.Option(None, "--init", help="Write a curated-YAML skeleton for the classes (every template an empty list) to this path; nothing else runs."),
+    from_descriptions: str | None = typer.Option(None, "--from-descriptions", help="With --init: fill the lists from a descriptions table (an LLM run's data/descriptions.parquet), for review."),
     prompts: str = typer.Option("prompts", "--prompts", help="Directory of templates, classes file and curated texts."),
     cache: str = typer.Option("data/llm/cache", "--cache", help="Parquet response cache."),
     out: str = typer.Option("data/descriptions.parquet", "--out", help="Descriptions table to write."),
@@ -25,7 +29,7 @@ def describe(
     params: str = typer.Option("params.yaml", "--params", help="Parameters file (section llm)."),
     set_: list[str] = typer.Option([], "--set", "-S", help="Override a parameter, e.g. -S llm.provider=openai."),
 ) -> None:
-    """Write the class descriptions (the describe stage), or preview them with --dry-run."""
+    """Write the class descriptions (the describe stage), preview them with --dry-run, or start a curated file with --init."""
     import os
 
     import yaml
@@ -34,11 +38,17 @@ def describe(
     from multifusion.llm import describe as run_describe
     from multifusion.llm import dry_run as plan_dry_run
     from multifusion.llm import format_dry_run, read_classes, write_outputs
+    from multifusion.llm.skeleton import folder_classes, write_skeleton
 
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in set_)}
         cfg = load_config(params, overrides)
-        names = read_classes(classes)
+        names = folder_classes(classes) if Path(classes).is_dir() else read_classes(classes)
+        if init is not None:
+            done = write_skeleton(init, names, cfg.llm, prompts, from_descriptions)
+            typer.echo(f"{done.path}: {len(done.written)} class(es) x {len(cfg.llm.templates)} templates, {done.filled} texts filled in"
+                       + (f"; left out, already in {prompts}/curated: {', '.join(done.already_listed)}" if done.already_listed else ""))
+            return
         if dry_run:
             typer.echo(format_dry_run(plan_dry_run(cfg.llm, names, prompts, cache, os.environ), show_prompts))
             return

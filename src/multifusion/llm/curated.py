@@ -7,8 +7,10 @@ Offline and deterministic, the default of the embedded pipeline. Each file is
       <folder name>:
         <template>: [text of sample 0, text of sample 1, ...]
 
-Sample ``i`` of a class x template is the i-th text. A request with no text is never
-filled in: :func:`curated_answers` names every missing class and how to add it.
+Sample ``i`` of a class x template is the i-th text. A class with no text at all (absent,
+or every list empty as in a ``multifusion describe --init`` skeleton) is left to the
+label fallback (:mod:`multifusion.llm.label`); in a partly curated class a missing text
+is never filled in: :func:`curated_answers` names every gap and how to fill it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def load_curated(prompts_dir: str | Path) -> CuratedTexts:
     if len(versions) != 1:
         raise CuratedMissingError(f"{directory}: files disagree on 'version' {sorted(versions)}; use one version for all")
     return CuratedTexts(version=versions.pop(), texts=texts, files=files)
+
+
+def uncurated_classes(class_names: list[str], curated: CuratedTexts) -> list[str]:
+    """The classes of ``class_names`` without a single curated text, in the given order."""
+    return [c for c in class_names if not any(curated.texts.get(c, {}).values())]
 
 
 def missing_requests(requests: list[LLMRequest], curated: CuratedTexts) -> list[LLMRequest]:

@@ -5,6 +5,8 @@
     result.metrics  # requests_sent, cache_hits, failures, prompt_tokens, completion_tokens, ...
 
 ``curated`` takes the shipped texts of prompts/curated/ (nothing is sent, nothing cached);
+a class with no curated text at all falls back to descriptions built from its label
+(``provider=label``, listed in the metrics' ``fallback_classes``, one warning logged).
 ``openai`` answers from the cache first and sends only the missing requests.
 :func:`dry_run` reports what a run would send without sending anything.
 """
@@ -12,22 +14,27 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from multifusion.config import LLMConfig
+from multifusion.config import LLM_PROVIDERS, LLMConfig
 from multifusion.llm.cache import ResponseCache
-from multifusion.llm.curated import curated_answers, load_curated, missing_requests
+from multifusion.llm.curated import CuratedTexts, curated_answers, load_curated, missing_requests, uncurated_classes
+from multifusion.llm.label import PROVIDER as LABEL_PROVIDER
+from multifusion.llm.label import MODEL as LABEL_MODEL
+from multifusion.llm.label import fallback_warning, label_answers
 from multifusion.llm.openai_provider import LLMFatalError, api_key_from_env, resolve_base_url, run_openai
-from multifusion.llm.prompts import extract_description, load_classes_file, load_prompt_set
+from multifusion.llm.prompts import ClassInfo, extract_description, load_classes_file, load_prompt_set
 from multifusion.llm.requests import LLMRequest, plan_requests
 
-PROVIDERS = ("curated", "openai")
+PROVIDERS = LLM_PROVIDERS  # the allowed llm.provider values live with the params (multifusion.config)
 COLUMNS = ["class_name", "label", "template", "sample", "provider", "model", "prompt", "response", "description", "key"]
 CHARS_PER_TOKEN = 4  # rough English average, for dry-run estimates only
+log = logging.getLogger("multifusion.describe")
 
 
 class DescribeError(RuntimeError):
@@ -52,14 +59,14 @@ def read_classes(path: str | Path) -> list[str]:
     return classes
 
 
-def _plan(llm: LLMConfig, classes: list[str], prompts_dir: str | Path) -> tuple[list[LLMRequest], dict[str, str]]:
+def _plan(llm: LLMConfig, classes: list[str], prompts_dir: str | Path) -> tuple[list[LLMRequest], dict[str, ClassInfo]]:
     if llm.provider not in PROVIDERS:
         raise DescribeError(f"params.yaml: llm.provider must be one of {PROVIDERS}, got '{llm.provider}'")
     if llm.samples < 1 or llm.concurrency < 1 or llm.max_retries < 0:
         raise DescribeError("params.yaml: llm.samples and llm.concurrency must be >= 1, llm.max_retries >= 0")
     infos = load_classes_file(llm.classes_file, classes)
     requests = plan_requests(llm, infos, load_prompt_set(prompts_dir, llm.templates))
-    return requests, {i.name: i.label for i in infos}
+    return requests, {i.name: i for i in infos}
 
 
 def _curated_version(llm: LLMConfig, prompts_dir: str | Path):
@@ -72,15 +79,19 @@ def _curated_version(llm: LLMConfig, prompts_dir: str | Path):
     return curated
 
 
-def _table(requests: list[LLMRequest], labels: dict[str, str], responses: dict[str, str], llm: LLMConfig) -> pd.DataFrame:
+def _table(
+    requests: list[LLMRequest], infos: dict[str, ClassInfo], responses: dict[str, str], llm: LLMConfig,
+    fallback: frozenset[str] = frozenset(),
+) -> pd.DataFrame:
+    """One row per request; rows of the ``fallback`` classes say provider=label, model=label."""
     rows = [
         {
             "class_name": r.class_name,
-            "label": labels[r.class_name],
+            "label": infos[r.class_name].label,
             "template": r.template,
             "sample": r.sample,
-            "provider": llm.provider,
-            "model": llm.model,
+            "provider": LABEL_PROVIDER if r.class_name in fallback else llm.provider,
+            "model": LABEL_MODEL if r.class_name in fallback else llm.model,
             "prompt": r.prompt,
             "response": responses[r.key],
             "description": extract_description(responses[r.key]),
@@ -97,17 +108,16 @@ def describe(
     """Descriptions for ``classes``; sends (openai) only requests missing from the cache."""
     if llm.provider == "openai":
         api_key_from_env(env)  # a missing key fails before any work
-    requests, labels = _plan(llm, classes, prompts_dir)
+    requests, infos = _plan(llm, classes, prompts_dir)
     cache = ResponseCache(cache_dir)
     cache.directory.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, object] = {
         "provider": llm.provider, "model": llm.model, "descriptions": len(requests),
         "requests_sent": 0, "cache_hits": 0, "failures": 0, "retries": 0,
-        "prompt_tokens": 0, "completion_tokens": 0,
+        "prompt_tokens": 0, "completion_tokens": 0, "fallback_classes": [], "fallback_descriptions": 0,
     }
     if llm.provider == "curated":
-        responses = curated_answers(requests, _curated_version(llm, prompts_dir), prompts_dir)
-        return DescribeResult(_table(requests, labels, responses, llm), metrics)
+        return _describe_curated(llm, requests, infos, _curated_version(llm, prompts_dir), prompts_dir, metrics)
 
     cache.remove_partial_writes()
     cached = cache.load()
@@ -126,7 +136,23 @@ def describe(
             f"rerun to send only the missing ones"
         )
     cached = cache.load()
-    return DescribeResult(_table(requests, labels, {k: v.response for k, v in cached.items()}, llm), metrics)
+    return DescribeResult(_table(requests, infos, {k: v.response for k, v in cached.items()}, llm), metrics)
+
+
+def _describe_curated(
+    llm: LLMConfig, requests: list[LLMRequest], infos: dict[str, ClassInfo], curated: CuratedTexts,
+    prompts_dir: str | Path, metrics: dict[str, object],
+) -> DescribeResult:
+    """Curated texts; classes with none at all get label descriptions (one warning)."""
+    fallback = frozenset(uncurated_classes(list(infos), curated))
+    covered = [r for r in requests if r.class_name not in fallback]
+    responses = curated_answers(covered, curated, prompts_dir)  # raises on a partly curated class
+    responses |= label_answers([r for r in requests if r.class_name in fallback], infos)
+    if fallback:
+        ordered = [name for name in infos if name in fallback]
+        metrics.update(fallback_classes=ordered, fallback_descriptions=len(requests) - len(covered))
+        log.warning("warning: %s", fallback_warning(ordered))
+    return DescribeResult(_table(requests, infos, responses, llm, fallback), metrics)
 
 
 def write_outputs(result: DescribeResult, out: str | Path, metrics_path: str | Path) -> None:
@@ -145,7 +171,8 @@ class DryRun:
     key_set: bool
     requests: list[LLMRequest]
     cached: set[str]                # keys already answered
-    missing_curated: list[LLMRequest]
+    missing_curated: list[LLMRequest]  # requests of partly curated classes with no text (an error at run time)
+    fallback_classes: list[str]        # classes with no curated text: label descriptions
     prompt_tokens: int              # estimate for the uncached requests
     completion_tokens_max: int      # llm.max_tokens x uncached requests
 
@@ -161,12 +188,18 @@ def dry_run(
     requests, _ = _plan(llm, classes, prompts_dir)
     cache = ResponseCache(cache_dir)
     cached = set(cache.load()) if cache.directory.is_dir() else set()
-    missing_curated = missing_requests(requests, load_curated(prompts_dir)) if llm.provider == "curated" else []
+    missing_curated: list[LLMRequest] = []
+    fallback: list[str] = []
+    if llm.provider == "curated":
+        curated = load_curated(prompts_dir)
+        fallback = uncurated_classes(classes, curated)
+        missing_curated = missing_requests([r for r in requests if r.class_name not in fallback], curated)
     report = DryRun(
         provider=llm.provider, model=llm.model,
         server=(resolve_base_url(llm, env) or "https://api.openai.com/v1") if llm.provider == "openai" else "none (offline)",
         key_set=bool(env.get("OPENAI_API_KEY", "").strip()),
         requests=requests, cached=cached & {r.key for r in requests}, missing_curated=missing_curated,
+        fallback_classes=fallback,
         prompt_tokens=0, completion_tokens_max=0,
     )
     to_send = report.to_send
@@ -181,6 +214,8 @@ def format_dry_run(report: DryRun, show_prompts: bool = True) -> str:
         lines.append(f"{len(report.requests)} descriptions from prompts/curated; 0 requests would be sent")
         for r in report.missing_curated:
             lines.append(f"  MISSING curated text: {r.class_name} / {r.template} / sample {r.sample}")
+        if report.fallback_classes:
+            lines.append("  label fallback (provider=label): " + fallback_warning(report.fallback_classes))
         return "\n".join(lines)
     to_send = report.to_send
     lines.append(
