@@ -18,6 +18,7 @@ from dvclive import Live  # noqa: E402
 from multifusion.config import load_config  # noqa: E402
 from multifusion.text.corpus import build_corpus, load_descriptions  # noqa: E402
 from multifusion.text.pretrain import pretrain, save_lm  # noqa: E402
+from multifusion.timings import write_timing  # noqa: E402
 
 
 def main() -> None:
@@ -48,8 +49,8 @@ def main() -> None:
         "vocab_size": len(result.tokenizer),
         "parameters": sum(p.numel() for p in result.model.parameters()),
         "steps": result.steps,
-        "seconds": round(result.seconds, 2),
     }
+    write_timing("pretrain_lm", result.seconds)  # not in metrics/lm.json, whose hash dvc.lock records
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
     print(

@@ -7,6 +7,7 @@ import time
 
 from multifusion.config import load_config
 from multifusion.data.synthesize import generate_dataset
+from multifusion.timings import write_timing
 
 
 def main() -> None:
@@ -19,7 +20,9 @@ def main() -> None:
     counts = generate_dataset(cfg.synthesize, cfg.seed, args.out, workers=cfg.data.workers)
     for name, n in counts.items():
         print(f"{name:30s} {n:5d}")
-    print(f"{sum(counts.values())} images in {time.perf_counter() - start:.1f} s -> {args.out}")
+    seconds = time.perf_counter() - start
+    write_timing("synthesize", seconds)
+    print(f"{sum(counts.values())} images in {seconds:.1f} s -> {args.out}")
 
 
 if __name__ == "__main__":
