@@ -47,22 +47,30 @@ def _tiny_params(repo_root: Path) -> dict:
     return params
 
 
-def test_pipeline_end_to_end_then_exp_run_with_four_layers(tmp_path, repo_root):
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+def make_tiny_repo(tmp_path: Path, repo_root: Path) -> Path:
+    """A git + DVC repository in tmp_path/repo: the pipeline files and the tiny params, committed."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "stages", "src", "prompts"):
+    for name in ("dvc.yaml", "synthesize", "stages", "src", "prompts"):
         src = repo_root / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(repo_root), sort_keys=False))
     (repo / ".gitignore").write_text("/data/\n/models/\n/dvclive/\n/checkpoints/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    _run(repo, *git, "init", "-q")
+    _run(repo, *GIT, "init", "-q")
     _run(repo, sys.executable, "-m", "dvc", "init", "-q")
     _run(repo, sys.executable, "-m", "dvc", "config", "core.analytics", "false")
-    _run(repo, *git, "add", "-A")
-    _run(repo, *git, "commit", "-qm", "tiny pipeline")  # `dvc exp run` needs a commit
+    _run(repo, *GIT, "add", "-A")
+    _run(repo, *GIT, "commit", "-qm", "tiny pipeline")  # `dvc exp run` needs a commit
+    return repo
 
-    _run(repo, sys.executable, "-m", "dvc", "repro")
+
+def test_pipeline_end_to_end_then_exp_run_with_four_layers(tmp_path, repo_root):
+    repo = make_tiny_repo(tmp_path, repo_root)
+    out = _run(repo, sys.executable, "-m", "dvc", "repro")
+    assert "Running stage 'synthesize/dvc.yaml:synthesize'" in out  # from nothing: the default data is made first
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     for key in ("top1", "top2", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "ece"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -70,8 +78,8 @@ def test_pipeline_end_to_end_then_exp_run_with_four_layers(tmp_path, repo_root):
     assert (repo / "metrics" / "robustness.json").is_file()
     assert "up to date" in _run(repo, sys.executable, "-m", "dvc", "repro").lower()  # second run: a no-op
 
-    _run(repo, *git, "add", "-A")
-    _run(repo, *git, "commit", "-qm", "lock")
+    _run(repo, *GIT, "add", "-A")
+    _run(repo, *GIT, "commit", "-qm", "lock")
     out = _run(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "hnf.layers=4")
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
     config = json.loads((repo / "models" / "hnf" / "config.json").read_text())
