@@ -17,11 +17,17 @@ import os
 import sys
 from pathlib import Path
 
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.llm.curated import CuratedMissingError
 from multifusion.llm.describe import DescribeError, describe, read_classes, write_outputs
 from multifusion.llm.openai_provider import LLMFatalError
 from multifusion.llm.prompts import PromptError
+
+# The openai 3.x client sends through httpx2 (logger "httpx2": one INFO line per request,
+# URL included) over httpcore2 ("httpcore2.*", DEBUG traces) and logs as "openai".
+# Warnings only: the log shows describe's own progress, never request lines.
+QUIET_LOGGERS = ("httpx2", "httpcore2", "openai")
 
 
 def main() -> None:
@@ -34,7 +40,8 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="describe: %(message)s")
-    logging.getLogger("httpx2").setLevel(logging.WARNING)  # request lines only, never headers
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     cfg = load_config(args.params)
     try:
@@ -50,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("describe", main)

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, whatever th
 
 import torch  # noqa: E402
 
+from multifusion.cli_errors import run_stage  # noqa: E402
 from multifusion.config import load_config  # noqa: E402
 from multifusion.text.corpus import load_descriptions  # noqa: E402
 from multifusion.text.encoder import build_sentence_encoder, save_sentence_encoder, text_features  # noqa: E402
@@ -42,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("embed_text", main)

@@ -4,7 +4,8 @@
         --metrics metrics/eval.json --per-class metrics/per_class.json --plots plots/evaluate
 
 Writes metrics/eval.json (top1, top2, top3, top5, macro_precision, macro_recall, macro_f1,
-ece after temperature scaling; ece_uncalibrated, nll, nll_uncalibrated, temperature),
+ece after temperature scaling; ece_uncalibrated, nll, nll_uncalibrated, temperature, and
+temperature_fitted / temperature_reason: whether and why train fitted that temperature),
 metrics/per_class.json and the confusion matrix as DVC plot rows (confusion.csv) and PNG.
 """
 
@@ -14,7 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+from multifusion.calibration import calibration_summary
 from multifusion.checkpoint import load_model
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.evaluate import confusion_matrix, evaluate_split, plot_confusion_png, write_confusion_csv
@@ -41,6 +44,7 @@ def main() -> None:
     metrics, per_class, labels, preds = evaluate_split(
         loaded.model, prepared, args.split, loaded.temperature, cfg.evaluate.batch_size, device, cfg.evaluate.ece_bins
     )
+    metrics |= calibration_summary(loaded.calibration)
     for path in (args.metrics, args.per_class):
         path.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -55,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("evaluate", main)

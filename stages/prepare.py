@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.prepare import PrepareError, prepare_dataset
 from multifusion.timings import write_timing
@@ -36,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("prepare", main)

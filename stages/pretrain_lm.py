@@ -19,6 +19,7 @@ from multifusion.config import load_config  # noqa: E402
 from multifusion.text.corpus import build_corpus, load_descriptions  # noqa: E402
 from multifusion.text.pretrain import pretrain, save_lm  # noqa: E402
 from multifusion.timings import write_timing  # noqa: E402
+from multifusion.cli_errors import run_stage  # noqa: E402
 
 
 def main() -> None:
@@ -60,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("pretrain_lm", main)

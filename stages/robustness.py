@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from multifusion.checkpoint import load_model
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.robustness import evaluate_under_shifts, plot_robustness, robustness_table
@@ -60,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("robustness", main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.synthesize import generate_dataset
 from multifusion.timings import write_timing
@@ -26,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("synthesize", main)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.model import build_model
@@ -42,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("train", main)

@@ -373,3 +373,22 @@ def test_dvc_push_pull_shares_the_cache_and_no_file_holds_the_key(server, tmp_pa
 
     assert not _files_containing([team, mate, remote], secret)
     assert not any(secret in out for out in outputs)
+
+
+def test_shards_left_by_a_killed_run_are_merged_on_the_next_run(make_config, server, tmp_path):
+    llm = openai_llm(make_config, server, templates=["morphology", "synthesis"])
+    env = {"OPENAI_API_KEY": KEY}
+    first = describe(llm, ["Particles", "Nanowires", "Powder"], PROMPTS, tmp_path, env)
+    cache = ResponseCache(tmp_path)
+    (run_shard,) = cache.shards()
+    answers = cache.read_shard(run_shard)
+    for answer in answers:  # what a run killed before its merge leaves: one batch shard per answer
+        cache.append([answer])
+    run_shard.unlink()
+    assert len(cache.shards()) == 6
+    server.reset_counts()
+    again = describe(llm, ["Particles", "Nanowires", "Powder"], PROMPTS, tmp_path, env)
+    assert not server.records and again.metrics["cache_hits"] == 6
+    (merged,) = cache.shards()
+    assert merged.name.endswith("-run.parquet") and cache.read_shard(merged) == answers
+    pd.testing.assert_frame_equal(first.table, again.table)

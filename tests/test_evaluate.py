@@ -180,6 +180,7 @@ def test_evaluate_stage_writes_metrics_and_plots(make_config, make_prepared, rep
                 "ece_uncalibrated", "nll", "nll_uncalibrated", "temperature"):
         assert np.isfinite(m[key]), key
     assert m["temperature"] == 1.3 and m["n"] == 12 and m["top3"] == 1.0
+    assert m["temperature_fitted"] is None and m["temperature_reason"].startswith("not recorded")  # saved without a fit record
     assert set(json.loads(per_class.read_text())) == {"class_0", "class_1", "class_2"}
     assert len((plots / "confusion.csv").read_text().strip().splitlines()) == 13
     assert (plots / "confusion.png").is_file()

@@ -69,13 +69,14 @@ def test_patch_sizes_derived_coarse_to_fine(make_config, layers, expected):
 
 
 def test_non_dividing_patch_size_is_a_clear_error(make_config):
-    cfg = make_config({"hnf.patch_sizes": [12, 8, 4]})
+    # params.yaml is checked against the patch grid when it is loaded (ConfigError, a ValueError)
+    conv = {"hnf.stem": "conv"}
     with pytest.raises(ValueError, match=r"hnf.patch_sizes: patch size 12 does not divide data.image_size 64"):
-        build_model(cfg, 3, random_text())
+        build_model(make_config(conv | {"hnf.patch_sizes": [12, 8, 4]}), 3, random_text())
     with pytest.raises(ValueError, match=r"data.image_size 60 .* hnf.layers=3"):
-        build_model(make_config({"data.image_size": 60}), 3, random_text())
+        build_model(make_config(conv | {"data.image_size": 60}), 3, random_text())
     with pytest.raises(ValueError, match="hnf.patch_sizes has 2 entries but hnf.layers is 3"):
-        build_model(make_config({"hnf.patch_sizes": [16, 8]}), 3, random_text())
+        build_model(make_config(conv | {"hnf.patch_sizes": [16, 8]}), 3, random_text())
 
 
 COMBOS = list(itertools.product(["ode", "transformer", "none"], [True, False], ["off", "mha", "concat"]))
@@ -130,7 +131,7 @@ def test_adjoint_gradients_match_direct_backprop(make_config):
 
 
 def test_bad_solver_and_missing_text_are_clear_errors(make_config):
-    with pytest.raises(ValueError, match="hnf.ode.solver must be one of"):
+    with pytest.raises(ValueError, match="hnf.ode.solver is 'rk45'; allowed: one of rk4, euler, dopri5"):
         build_model(make_config(dict(SMALL, **{"hnf.ode.solver": "rk45"})), 3, random_text())
     with pytest.raises(ValueError, match="fusion.text is true but no text features"):
         build_model(make_config(SMALL), 3, None)

@@ -109,7 +109,7 @@ def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
 
 def test_uncertain_flag_follows_threshold(model_dir, folder, tmp_path):
     files = [str(folder / name) for name in GOOD]
-    assert (run(model_dir, files, tmp_path, uncertain_threshold=1.01)["uncertain"] == "True").all()
+    assert (run(model_dir, files, tmp_path, uncertain_threshold=1.0)["uncertain"] == "True").all()
     assert (run(model_dir, files, tmp_path, uncertain_threshold=0.0)["uncertain"] == "False").all()
 
 

@@ -33,13 +33,26 @@ import torch.nn as nn
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from multifusion.config import Config, config_from_dict
+from multifusion.cli_errors import UserError, one_line
+from multifusion.config import Config, ConfigError, config_from_dict
 from multifusion.text.features import TextFeatures
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "last.pt"
 BASELINES_MODULE = "multifusion.model.baselines"
+RECORD_KEYS = ("model_name", "architecture", "config", "classes", "text", "temperature")
+REDO = "copy the whole model directory again, or retrain it (`dvc repro train`)"
+# What a training checkpoint may hold beyond tensors and plain Python: numpy's RNG state
+# (a uint32 array) and numpy scalars in the metric history. Nothing else is unpickled.
+CHECKPOINT_GLOBALS = [
+    np._core.multiarray._reconstruct, np._core.multiarray.scalar, np.ndarray, np.dtype,
+    np.dtypes.UInt32DType, np.dtypes.Int64DType, np.dtypes.Float32DType, np.dtypes.Float64DType,
+]
+
+
+class ModelDirError(UserError, ValueError):
+    """A model directory that cannot be loaded; the message names the file, the problem and the fix."""
 
 
 @dataclass
@@ -49,6 +62,7 @@ class LoadedModel:
     classes: list[str]
     temperature: float
     model_name: str
+    calibration: dict[str, Any] | None = None  # how the temperature was chosen (None: not recorded)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -103,8 +117,10 @@ def save_model(
     text: TextFeatures | None,
     temperature: float,
     model_name: str,
+    calibration: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json``."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (with ``calibration``,
+    e.g. ``TemperatureFit.to_dict()``, when given)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
@@ -117,6 +133,8 @@ def save_model(
         "text": text_record(text),
         "temperature": float(temperature),
     }
+    if calibration is not None:
+        record["calibration"] = calibration
     (out_dir / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
 
 
@@ -131,16 +149,62 @@ def build_from_record(record: dict[str, Any], cfg: Config) -> nn.Module:
     return build_model(cfg, num_classes, placeholder_text(record["text"]))
 
 
+def read_record(path: Path) -> dict[str, Any]:
+    """A model's config.json, checked for every entry :func:`load_model` reads."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelDirError(f"{path}: damaged, not valid JSON ({one_line(err)}); {REDO}") from None
+    missing = [k for k in RECORD_KEYS if k not in record] if isinstance(record, dict) else list(RECORD_KEYS)
+    if missing:
+        raise ModelDirError(f"{path}: no {', '.join(repr(k) for k in missing)} entry; not a model written by "
+                            f"multifusion's save_model; {REDO}")
+    classes, temperature = record["classes"], record["temperature"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):
+        raise ModelDirError(f"{path}: 'classes' must list at least 2 class names, got {classes!r}; {REDO}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ModelDirError(f"{path}: 'temperature' must be a positive number, got {temperature!r}; {REDO}")
+    return record
+
+
+def _rebuild(record: dict[str, Any], path: Path) -> tuple[Config, nn.Module]:
+    """The Config and the (untrained) module that config.json describes."""
+    try:
+        cfg = config_from_dict(record["config"])
+    except ConfigError as err:
+        raise ModelDirError(f"{path}: its params do not fit this version of multifusion "
+                            f"({str(err).removeprefix('params.yaml: ').split(';')[0]}); retrain with it (`dvc repro train`)") from None
+    try:
+        return cfg, build_from_record(record, cfg)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        reason = one_line(err).split(";")[0]  # the fact, without advice meant for params.yaml
+        raise ModelDirError(f"{path}: the model cannot be rebuilt from it ({reason}); {REDO}") from None
+
+
+def _load_weights(model: nn.Module, weights: Path, config: Path) -> None:
+    """Strictly load ``weights`` into ``model``; a damaged file or a mismatch names the fix."""
+    try:
+        st_load_model(model, str(weights), strict=True, device="cpu")
+    except RuntimeError as err:  # strict loading: missing, unexpected or mis-shaped tensors
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [one_line(err)]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise ModelDirError(f"{weights}: does not match {config.name}: {details[0]}{more}; the two files come "
+                            f"from different models: {REDO}") from None
+    except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError: a truncated or foreign file
+        raise ModelDirError(f"{weights}: damaged or truncated ({one_line(err)}); {REDO}") from None
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a saved model from ``model_dir`` (config.json + model.safetensors), eval mode."""
+    """Rebuild a saved model from ``model_dir`` (config.json + model.safetensors), eval mode.
+    A missing file raises FileNotFoundError, a damaged or mismatched one ModelDirError."""
     model_dir = Path(model_dir)
     for name in (CONFIG, WEIGHTS):
         if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir / name}: missing; train a model first (`dvc repro train`)")
-    record = json.loads((model_dir / CONFIG).read_text())
-    cfg = config_from_dict(record["config"])
-    model = build_from_record(record, cfg)
-    st_load_model(model, str(model_dir / WEIGHTS), strict=True, device="cpu")
+            raise FileNotFoundError(f"{model_dir / name}: missing; pass the directory of a trained model "
+                                    "(config.json + model.safetensors), or train one (`dvc repro train`)")
+    record = read_record(model_dir / CONFIG)
+    cfg, model = _rebuild(record, model_dir / CONFIG)
+    _load_weights(model, model_dir / WEIGHTS, model_dir / CONFIG)
     model.to(device).eval()
     return LoadedModel(
         model=model,
@@ -148,6 +212,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Loa
         classes=list(record["classes"]),
         temperature=float(record["temperature"]),
         model_name=str(record["model_name"]),
+        calibration=record.get("calibration"),
     )
 
 
@@ -200,16 +265,21 @@ def save_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> No
 
 
 def load_training_state(checkpoint_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint in ``checkpoint_dir`` if it belongs to this run (same fingerprint), else None."""
+    """The checkpoint in ``checkpoint_dir`` if it belongs to this run (same fingerprint), else None.
+
+    Loaded with ``weights_only=True``: tensors, plain Python and the numpy types of
+    CHECKPOINT_GLOBALS only, so a foreign or tampered file cannot run code. Its fingerprint
+    is checked before anything else in it is used."""
     path = Path(checkpoint_dir) / TRAIN_STATE
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a truncated or foreign file: start over rather than crash
-        print(f"{path}: unreadable checkpoint ({exc.__class__.__name__}); starting from scratch")
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: start over rather than crash
+        print(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {one_line(exc)[:200]}); starting from scratch")
         return None
-    if state.get("fingerprint") != fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
         print(f"{path}: checkpoint from other params, model or data; starting from scratch")
         return None
     return state

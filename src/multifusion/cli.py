@@ -79,9 +79,9 @@ def predict(
         settings = predict_settings(model, params)
         result = predict_paths(
             model, paths, out,
-            top_k=top_k or settings.top_k,
+            top_k=settings.top_k if top_k is None else top_k,
             uncertain_threshold=settings.uncertain_threshold if threshold is None else threshold,
-            batch_size=batch_size or settings.batch_size,
+            batch_size=settings.batch_size if batch_size is None else batch_size,
             device=device,
             contact_sheet=contact_sheet,
             contact_sheet_size=settings.contact_sheet,

@@ -11,17 +11,35 @@ second default. Stage scripts call ``load_config()`` once and hand the sections 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from multifusion.cli_errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A params.yaml problem; the message names the key and the fix."""
+
+
+# The allowed values of every choice key. The modules acting on a choice import its tuple
+# from here, so adding a choice is one edit, and params.yaml is checked without torch.
+ASPECTS = ("crop", "pad")                          # data.aspect
+INFOBAR_MODES = ("auto", "none")                   # data.infobar
+LLM_PROVIDERS = ("curated", "openai")              # llm.provider
+STEMS = ("pyramid", "conv", "linear")              # hnf.stem
+SEQUENCE_ENCODERS = ("ode", "transformer", "none")  # hnf.sequence_encoder
+SOLVERS = ("rk4", "euler", "dopri5")               # hnf.ode.solver
+FUSION_MODES = ("mha", "concat")                   # fusion.mode
+BALANCE_MODES = ("loss", "sampler", "none")        # train.balance
+DEVICES = ("auto", "cpu", "cuda")                  # train.device, evaluate.device
+MAX_HNF_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -279,7 +297,8 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, "")
+    """Build and validate the Config of a params mapping (params.yaml, a model's config.json)."""
+    return validate(_build(Config, raw, ""))
 
 
 def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:

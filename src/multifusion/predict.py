@@ -39,6 +39,8 @@ from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.ingest import ImageError, load_micrograph
 from multifusion.evaluate import predict_probs
+from multifusion.screening_report import ScreeningReport
+from multifusion.output_paths import CSV_RULE, FIGURE_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
 
@@ -141,12 +143,16 @@ def predict_paths(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
     if top_k < 1 or batch_size < 1:
-        raise ValueError(f"top_k and batch_size must be >= 1, got {top_k} and {batch_size}")
+        raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
+    if not 0.0 <= uncertain_threshold <= 1.0:
+        raise ValueError(f"--threshold must be a probability in [0, 1], got {uncertain_threshold}")
+    items = expand_inputs(inputs)
+    outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE)}
+    check_outputs(outputs, [path for path, problem in items if problem is None])  # before any inference
     loaded = load_model(model_dir, device=device)
     data = loaded.cfg.data
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
-    items = expand_inputs(inputs)
 
     rows: list[dict] = []
     sheet: list[tuple[float, int, SheetEntry]] = []  # max-heap on probability via negation

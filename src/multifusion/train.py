@@ -46,12 +46,10 @@ from multifusion.checkpoint import (
     set_rng_states,
     unwrap,
 )
-from multifusion.config import Config, TrainConfig
+from multifusion.config import BALANCE_MODES, Config, TrainConfig  # the allowed train.balance values live with the params
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
 from multifusion.evaluate import macro_scores, predict_logits
 from multifusion.text.features import TextFeatures
-
-BALANCE_MODES = ("loss", "sampler", "none")
 
 
 @dataclass

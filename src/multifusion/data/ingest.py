@@ -6,15 +6,15 @@ prediction time: decode (tif/tiff/png/jpg/jpeg/bmp; 8/16-bit; grey, RGB, RGBA, p
 (``data.aspect``) -> resize to ``data.image_size``. A file that cannot be used raises
 :class:`ImageError` whose message is one line with the reason and the fix.
 
-``scan_folder`` finds the labelled files of an NFFA-style folder (``<root>/<Class>/*``)
-or of one already split (``<root>/{train,val,test}/<Class>/*``, kept as given).
+``scan_folder`` (``multifusion.data.layout``) finds the labelled files of an NFFA-style
+folder (``<root>/<Class>/*``) or of one already split (``<root>/{train,val,test}/<Class>/*``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from multifusion.config import DataConfig
 from multifusion.data.infobar import bar_search_start, bar_top
+from multifusion.data.layout import IMAGE_EXTENSIONS, Scan, scan_folder  # noqa: F401 -- finding the files is layout's job
 from multifusion.data.resample import resize
-from multifusion.data.split import SPLITS, perceptual_hash
+from multifusion.data.split import perceptual_hash
 
-IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 T = TypeVar("T")
 Image.MAX_IMAGE_PIXELS = None  # the pixel limit is data.max_pixels, checked before decoding
 
@@ -266,44 +266,3 @@ def map_files(work: Callable[[str], T], paths: list[str], workers: int, progress
 def prepare_files(paths: list[str], data: DataConfig, progress: bool = True) -> Iterator[Record]:
     """``prepare_file`` over all paths on data.workers processes (0 = all cores), in order."""
     return map_files(partial(prepare_file, data=data), paths, data.workers, progress)
-
-
-@dataclass
-class Scan:
-    """Labelled files found under a root, and what was passed over with the reason."""
-
-    files: list[tuple[str, str, str | None]] = field(default_factory=list)  # (path, class, given split)
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {path, reason}
-
-
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def scan_folder(root: str | Path) -> Scan:
-    """Find ``<root>/<Class>/*`` or ``<root>/{train,val,test}/<Class>/*`` image files.
-
-    Raises FileNotFoundError when root is missing. Files at the top level (README,
-    LICENSE) are ignored; other files in class folders are skipped with a reason."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data root does not exist; set data.root in params.yaml "
-                                "(or run `dvc repro synthesize` for the default synthetic set)")
-    top = _class_dirs(root)
-    split_dirs = {p.name.lower(): p for p in top if p.name.lower() in SPLITS}
-    layout = [(split_dirs[s], s) for s in SPLITS if s in split_dirs] if split_dirs else [(root, None)]
-    scan = Scan()
-    for folder, split in layout:
-        for class_dir in _class_dirs(folder):
-            found = 0
-            for path in sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    scan.files.append((str(path), class_dir.name, split))
-                    found += 1
-                else:
-                    scan.skipped.append({"path": str(path), "reason": f"unsupported extension '{path.suffix}' "
-                                         f"(use one of {', '.join(IMAGE_EXTENSIONS)})"})
-            if found == 0:
-                scan.skipped.append({"path": str(class_dir), "reason": "empty class folder: no image files; "
-                                     "add images or remove the folder"})
-    return scan

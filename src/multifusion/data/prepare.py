@@ -7,9 +7,12 @@ Writes to ``out_dir``:
   width, height, bar_rows, phash;
 - ``classes.json``: the ordered class names (``label`` indexes it);
 - ``report.json``: scanned, kept, skipped [{path, reason}], duplicates
-  [{path, duplicate_of}], per-class and per-split counts, grouping figures.
+  [{path, duplicate_of}], label_conflicts [{paths, classes}] (the same pixels in two
+  class folders: none of them is kept), single_image_classes, few_groups (val/test
+  classes with fewer than MIN_GROUPS independent groups), per-class and per-split
+  counts, grouping figures.
 Bad files are skipped with a logged one-line reason; :class:`PrepareError` is raised
-only when no usable data or fewer than 2 classes remain.
+only when the layout is ambiguous, or no usable data or fewer than 2 classes remain.
 """
 
 from __future__ import annotations
@@ -23,30 +26,63 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from multifusion.cli_errors import UserError
 from multifusion.config import DataConfig
-from multifusion.data.ingest import Record, prepare_files, scan_folder
+from multifusion.data.ingest import Record, prepare_files
+from multifusion.data.layout import LayoutError, scan_folder
 from multifusion.data.split import SPLITS, assign_splits, near_duplicate_pairs, pattern_pairs, union_groups
 
 log = logging.getLogger("multifusion.prepare")
+MIN_GROUPS = 3  # independent groups per class below which val/test scores (and the temperature) are noise
 
 
-class PrepareError(RuntimeError):
+class PrepareError(UserError, RuntimeError):
     """The folder gives no usable data set; the message says why and what to do."""
 
 
-def _keep_unique(records: list[Record]) -> tuple[list[int], list[dict[str, str]]]:
-    """Indices of records kept (first of each pixel-identical set) and the duplicates."""
-    first: dict[str, int] = {}
-    kept, duplicates = [], []
+def _keep_unique(records: list[Record], classes: list[str]) -> tuple[list[int], list[dict[str, str]], list[dict[str, list[str]]]]:
+    """Indices kept (the first of each pixel-identical set), the duplicates dropped, and the
+    label conflicts: pixel-identical files in different class folders, none of them kept."""
+    same: dict[str, list[int]] = {}
     for i, record in enumerate(records):
-        if record.pixel_hash in first:
-            original = records[first[record.pixel_hash]].path
-            duplicates.append({"path": record.path, "duplicate_of": original})
-            log.info("duplicate %s: same pixels as %s; kept once", record.path, original)
-        else:
-            first[record.pixel_hash] = i
-            kept.append(i)
-    return kept, duplicates
+        same.setdefault(record.pixel_hash, []).append(i)
+    kept, duplicates, conflicts = [], [], []
+    for members in same.values():
+        labels = sorted({classes[i] for i in members})
+        if len(labels) > 1:
+            conflicts.append({"paths": [records[i].path for i in members], "classes": labels})
+            log.warning("label conflict: the same image is in %s (%s); none kept: move it into one class folder",
+                        " and ".join(labels), ", ".join(records[i].path for i in members))
+            continue
+        kept.append(members[0])
+        duplicates += [(i, {"path": records[i].path, "duplicate_of": records[members[0]].path}) for i in members[1:]]
+    duplicates = [dup for _, dup in sorted(duplicates, key=lambda d: d[0])]  # in scan order
+    for dup in duplicates:
+        log.info("duplicate %s: same pixels as %s; kept once", dup["path"], dup["duplicate_of"])
+    return sorted(kept), duplicates, conflicts
+
+
+def thin_classes(manifest: pd.DataFrame, ratios: dict[str, float]) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Classes with a single image (they can only be in train), and per val/test split the
+    classes with fewer than MIN_GROUPS independent groups there, each logged once."""
+    counts = manifest["class_name"].value_counts()
+    single = sorted(c for c, n in counts.items() if n == 1)
+    if single:
+        log.warning("class(es) %s have a single image: it can only be in train, so val and test cannot score them; "
+                    "add images of these classes", ", ".join(single))
+    groups = manifest.groupby(["split", "class_name"])["group"].nunique()
+    few: dict[str, dict[str, int]] = {}
+    for split in ("val", "test"):
+        if ratios[split] <= 0 and split not in set(manifest["split"]):
+            continue
+        few[split] = {c: int(groups.get((split, c), 0)) for c in sorted(counts.index)
+                      if groups.get((split, c), 0) < MIN_GROUPS}
+        if few[split]:
+            shown = ", ".join(f"{c}: {n}" for c, n in few[split].items())
+            log.warning("%s holds fewer than %d independent groups for %d of %d classes (%s): its per-class scores%s "
+                        "are noise; add images of these classes or raise data.split.%s", split, MIN_GROUPS,
+                        len(few[split]), len(counts), shown, " and the temperature fitted on it" if split == "val" else "", split)
+    return single, few
 
 
 def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, seed: int,
@@ -56,7 +92,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
     root, out_dir = Path(root), Path(out_dir)
     try:
         scan = scan_folder(root)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, LayoutError) as err:
         raise PrepareError(str(err)) from None
     skipped = list(scan.skipped)
     for item in skipped:
@@ -73,13 +109,13 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
             log.warning("skip %s: %s", path, record.error)
         else:
             good.append((record, class_name, split))
-    kept_idx, duplicates = _keep_unique([r for r, _, _ in good])
+    kept_idx, duplicates, conflicts = _keep_unique([r for r, _, _ in good], [c for _, c, _ in good])
     good = [good[i] for i in kept_idx]
 
     found_classes = sorted({c for _, c, _ in scan.files})
     classes = sorted({c for _, c, _ in good})
     for lost in sorted(set(found_classes) - set(classes)):
-        log.warning("class %s dropped: none of its files could be used (see report.json 'skipped')", lost)
+        log.warning("class %s dropped: none of its files could be used (see report.json 'skipped' and 'label_conflicts')", lost)
     if not good:
         raise PrepareError(f"{root}: no usable images ({len(skipped)} skipped, see the messages above)")
     if len(classes) < 2:
@@ -123,6 +159,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "kept": len(manifest),
         "skipped": skipped,
         "duplicates": duplicates,
+        "label_conflicts": conflicts,
         "classes": {c: int(n) for c, n in sorted(Counter(manifest["class_name"]).items())},
         "dropped_classes": sorted(set(found_classes) - set(classes)),
         "splits": {s: {c: int(n) for c, n in sorted(Counter(manifest.loc[manifest["split"] == s, "class_name"]).items())}
@@ -135,6 +172,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "infobar_cropped": int((manifest["bar_rows"] > 0).sum()),
         "image_size": data.image_size,
     }
+    report["single_image_classes"], report["few_groups"] = thin_classes(manifest, ratios)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("prepared %d of %d files, %d classes -> %s", report["kept"], report["scanned"], len(classes), out_dir)
     return report

@@ -5,6 +5,11 @@ name, fsynced and moved into place with ``os.replace``: a reader (or a run kille
 mid-write) sees a whole shard or none. Shards are never edited; the same key in two
 shards (a run killed between :meth:`ResponseCache.consolidate` steps) reads as the first.
 Only successful answers are written: a failure is never cached.
+
+A finished run merges its batch shards into one ``shard-...-run.parquet``. A run killed
+before that leaves its batch shards behind (one per batch of answers); the next run
+merges them first (:meth:`ResponseCache.merge_leftovers`), so the cache keeps one shard
+per run. A damaged shard raises :class:`CacheError`, naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from multifusion.cli_errors import UserError
+
 SHARD_GLOB = "shard-*.parquet"
+RUN_SUFFIX = "-run.parquet"  # a run's merged shard; any other shard is a batch of an unfinished run
 TMP_PREFIX = ".tmp-"
+
+
+class CacheError(UserError, ValueError):
+    """A cache shard that cannot be read; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -68,16 +80,23 @@ class ResponseCache:
     def shards(self) -> list[Path]:
         return sorted(self.directory.glob(SHARD_GLOB))
 
+    @staticmethod
+    def read_shard(shard: Path) -> list[CachedResponse]:
+        """The answers in one shard, in order; CacheError when it is damaged."""
+        try:
+            table = pq.read_table(shard, schema=SCHEMA)
+        except (pa.ArrowException, OSError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CacheError(f"{shard}: unreadable cache shard ({reason}); delete that file and rerun "
+                             "(only its answers are asked again)") from None
+        return [CachedResponse(**row) for row in table.to_pylist()]
+
     def load(self) -> dict[str, CachedResponse]:
         """Every cached answer by key (first occurrence wins, shards in name order)."""
         entries: dict[str, CachedResponse] = {}
         for shard in self.shards():
-            try:
-                table = pq.read_table(shard, schema=SCHEMA)
-            except (pa.ArrowInvalid, OSError) as err:
-                raise ValueError(f"{shard}: unreadable cache shard ({err}); delete that file and rerun") from err
-            for row in table.to_pylist():
-                entries.setdefault(row["key"], CachedResponse(**row))
+            for response in self.read_shard(shard):
+                entries.setdefault(response.key, response)
         return entries
 
     def remove_partial_writes(self) -> None:
@@ -85,13 +104,14 @@ class ResponseCache:
         for tmp in self.directory.glob(TMP_PREFIX + "*"):
             tmp.unlink(missing_ok=True)
 
-    def append(self, responses: list[CachedResponse]) -> Path | None:
-        """Write ``responses`` as one new shard, atomically. Returns its path."""
+    def append(self, responses: list[CachedResponse], merged: bool = False) -> Path | None:
+        """Write ``responses`` as one new shard, atomically (``merged``: a run's merged shard).
+        Returns its path."""
         if not responses:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         self._written += 1
-        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{self._written:05d}.parquet"
+        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{self._written:05d}{RUN_SUFFIX if merged else '.parquet'}"
         final = self.directory / name
         tmp = self.directory / (TMP_PREFIX + name)
         table = pa.Table.from_pylist([asdict(r) for r in responses], schema=SCHEMA)
@@ -103,15 +123,24 @@ class ResponseCache:
         return final
 
     def consolidate(self, shards: list[Path]) -> Path | None:
-        """Merge ``shards`` (written by this run) into one, then delete them. Safe against a
-        kill at any point: the merged shard lands before any source is removed."""
-        if len(shards) < 2:
-            return shards[0] if shards else None
-        rows = [CachedResponse(**row) for shard in shards for row in pq.read_table(shard, schema=SCHEMA).to_pylist()]
-        merged = self.append(rows)
+        """Merge ``shards`` (the batches of one run) into one run shard, then delete them.
+        Safe against a kill at any point: the merged shard lands before any source is
+        removed (a single shard is renamed, atomically)."""
+        if not shards:
+            return None
+        if len(shards) == 1:
+            merged = shards[0].with_name(shards[0].name.removesuffix(".parquet") + RUN_SUFFIX)
+            os.replace(shards[0], merged)
+            return merged
+        merged = self.append([r for shard in shards for r in self.read_shard(shard)], merged=True)
         for shard in shards:
             shard.unlink(missing_ok=True)
         return merged
+
+    def merge_leftovers(self) -> Path | None:
+        """Merge the batch shards of runs that never finished (killed, or stopped by an
+        error) into one run shard. Returns it, or None when there were none."""
+        return self.consolidate([s for s in self.shards() if not s.name.endswith(RUN_SUFFIX)])
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(r) for r in self.load().values()], columns=SCHEMA.names)

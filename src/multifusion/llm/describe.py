@@ -120,6 +120,7 @@ def describe(
         return _describe_curated(llm, requests, infos, _curated_version(llm, prompts_dir), prompts_dir, metrics)
 
     cache.remove_partial_writes()
+    cache.merge_leftovers()  # the batch shards of a killed run become one shard
     cached = cache.load()
     missing = [r for r in requests if r.key not in cached]
     stats = run_openai(missing, llm, cache, env)

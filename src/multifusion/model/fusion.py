@@ -26,8 +26,7 @@ from torch import nn
 
 from multifusion.model.ode import Attention
 
-MODES = ("mha", "concat")
-
+from multifusion.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
 
 class AttentionPool(nn.Module):
     """Learned-query attention pooling over tokens under a mask.

@@ -16,10 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from multifusion.config import HNFConfig, ODEConfig
-
-SOLVERS = ("rk4", "euler", "dopri5")
-SEQUENCE_ENCODERS = ("ode", "transformer", "none")
+from multifusion.config import SEQUENCE_ENCODERS, SOLVERS, HNFConfig, ODEConfig  # choices live with the params
 
 
 class Attention(nn.Module):

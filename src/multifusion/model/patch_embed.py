@@ -15,41 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STEMS = ("conv", "linear")
-
-
-def derive_patch_sizes(image_size: int, layers: int, patch_sizes: list[int] | None) -> list[int]:
-    """Patch size of each HNF layer, coarse to fine.
-
-    Given ``hnf.patch_sizes``: checked (one per layer, each dividing data.image_size).
-    Derived: the finest grid is 8 x 8 patches (16 x 16 for 4 layers), each coarser layer
-    halves the grid: layers 1..4 at image 64 -> [8], [16, 8], [32, 16, 8], [32, 16, 8, 4].
-    """
-    if layers < 1:
-        raise ValueError(f"hnf.layers must be >= 1, got {layers}; fix params.yaml")
-    if patch_sizes is not None:
-        if len(patch_sizes) != layers:
-            raise ValueError(
-                f"hnf.patch_sizes has {len(patch_sizes)} entries but hnf.layers is {layers}; "
-                "give one patch size per layer or set hnf.patch_sizes: null"
-            )
-        sizes = list(patch_sizes)
-        for p in sizes:
-            if p < 1 or image_size % p:
-                raise ValueError(
-                    f"hnf.patch_sizes: patch size {p} does not divide data.image_size {image_size}; "
-                    "change hnf.patch_sizes (or data.image_size)"
-                )
-        return sizes
-    finest_grid = 8 * 2 ** max(0, layers - 3)
-    grids = [finest_grid // 2 ** (layers - 1 - l) for l in range(layers)]
-    for g in grids:
-        if image_size % g:
-            raise ValueError(
-                f"data.image_size {image_size} is not divisible by the {g} x {g} patch grid derived for "
-                f"hnf.layers={layers}; set data.image_size to a multiple of {max(grids)} or give hnf.patch_sizes"
-            )
-    return [image_size // g for g in grids]
+from multifusion.config import STEMS  # the allowed hnf.stem values live with the params
+from multifusion.patch_grid import PYRAMID_STRIDES, derive_patch_sizes  # noqa: F401 -- torch-free: params.yaml is checked with it
 
 
 class PositionalEmbedding2d(nn.Module):
