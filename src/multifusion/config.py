@@ -296,6 +296,138 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
+# ---------------------------------------------------------------------------------------
+# Validation: every choice and range, checked once when params.yaml is loaded, before any
+# stage does work. One row per key; a row's check applies to every item of a list value.
+
+
+@dataclass(frozen=True)
+class Check:
+    test: Callable[[Any], bool]
+    allowed: str            # what the message offers instead
+    bad: Any                # a value the check refuses (the tests try every row with it)
+    whole_list: bool = False  # True: tests a list value itself; False: each item of a list value
+
+
+def one_of(choices: tuple[str, ...]) -> Check:
+    return Check(lambda v: v in choices, "one of " + ", ".join(choices), "foo")
+
+
+def at_least(low: int | float) -> Check:
+    return Check(lambda v: v >= low, f">= {low}", low - 1)
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Check:
+    def test(v: float) -> bool:
+        return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
+    bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    kind = "an integer" if isinstance(low, int) and isinstance(high, int) else "a number"
+    return Check(test, f"{kind} in {bounds}", low if low_open else high + 1)
+
+
+def optional(check: Check) -> Check:
+    return Check(lambda v: v is None or check.test(v), f"null or {check.allowed}", check.bad, check.whole_list)
+
+
+NON_EMPTY = Check(lambda v: len(v) > 0, "a non-empty list", [], whole_list=True)
+MULTIPLE_OF_90 = Check(lambda v: v % 90 == 0, "a multiple of 90", 45)
+POSITIVE = in_range(0, float("inf"), low_open=True, high_open=True)
+FRACTION = in_range(0.0, 1.0)
+
+RULES: dict[str, Check] = {
+    "seed": at_least(0),
+    "synthesize.total": at_least(1), "synthesize.min_per_class": at_least(1),
+    "synthesize.width": at_least(8), "synthesize.height": at_least(8),
+    "data.image_size": at_least(8), "data.aspect": one_of(ASPECTS), "data.infobar": one_of(INFOBAR_MODES),
+    "data.split.train": in_range(0.0, 1.0, low_open=True), "data.split.val": FRACTION, "data.split.test": FRACTION,
+    "data.near_duplicate_bits": in_range(0, 64), "data.max_pixels": at_least(1), "data.workers": at_least(0),
+    "llm.provider": one_of(LLM_PROVIDERS), "llm.concurrency": at_least(1), "llm.samples": at_least(1),
+    "llm.temperature": in_range(0.0, 2.0), "llm.max_tokens": at_least(1), "llm.timeout": POSITIVE,
+    "llm.max_retries": at_least(0), "llm.backoff": at_least(0), "llm.backoff_max": at_least(0),
+    "llm.templates": NON_EMPTY,
+    "text.vocab_size": at_least(1), "text.hidden": at_least(1), "text.layers": at_least(1), "text.heads": at_least(1),
+    "text.intermediate": at_least(1), "text.max_length": at_least(8), "text.steps": at_least(1),
+    "text.batch_size": at_least(1), "text.lr": POSITIVE, "text.weight_decay": at_least(0),
+    "text.warmup_steps": at_least(0), "text.grad_clip": at_least(0), "text.mask_prob": in_range(0.0, 1.0, True, True),
+    "text.heldout": in_range(0.0, 1.0, True, True), "text.threads": at_least(0),
+    "hnf.layers": in_range(1, MAX_HNF_LAYERS), "hnf.dim": at_least(1), "hnf.heads": at_least(1),
+    "hnf.patch_sizes": optional(NON_EMPTY), "hnf.stem": one_of(STEMS), "hnf.sequence_encoder": one_of(SEQUENCE_ENCODERS),
+    "hnf.dropout": in_range(0.0, 1.0, high_open=True),
+    "hnf.ode.solver": one_of(SOLVERS), "hnf.ode.steps": at_least(1), "hnf.ode.t1": POSITIVE,
+    "hnf.ode.rtol": POSITIVE, "hnf.ode.atol": POSITIVE,
+    "graph.k": at_least(1), "graph.cheb_k": at_least(1), "graph.layers": at_least(1), "graph.lambda_max": optional(POSITIVE),
+    "fusion.mode": one_of(FUSION_MODES), "fusion.heads": at_least(1),
+    "train.epochs": at_least(1), "train.batch_size": at_least(1), "train.lr": at_least(0),  # 0: weights frozen
+    "train.weight_decay": at_least(0), "train.warmup_epochs": at_least(0),
+    "train.label_smoothing": in_range(0.0, 1.0, high_open=True), "train.balance": one_of(BALANCE_MODES),
+    "train.patience": at_least(1), "train.num_workers": at_least(0), "train.device": one_of(DEVICES),
+    "train.grad_clip": at_least(0), "train.augment.crop_scale": in_range(0.0, 1.0, low_open=True),
+    "train.augment.brightness": at_least(0), "train.augment.contrast": at_least(0), "train.augment.noise": at_least(0),
+    "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),
+    "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
+    "predict.contact_sheet": at_least(0),
+    "robustness.seed": at_least(0), "robustness.batch_size": at_least(1),
+    "robustness.gaussian_noise": at_least(0), "robustness.poisson_noise": POSITIVE,
+    "robustness.defocus_blur": at_least(0), "robustness.contrast": at_least(0),
+    "robustness.jpeg_quality": in_range(1, 100), "robustness.rotation": MULTIPLE_OF_90,
+    "robustness.zoom_in": at_least(1.0), "robustness.zoom_out": in_range(0.0, 1.0, low_open=True),
+    "robustness.info_bar": in_range(0.0, 1.0, high_open=True),
+    "compare.models": NON_EMPTY,
+}
+
+
+def lookup(cfg: Config, dotted: str) -> Any:
+    """``lookup(cfg, "hnf.ode.solver")`` -> cfg.hnf.ode.solver."""
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _rule_problem(key: str, value: Any, check: Check) -> str | None:
+    each = isinstance(value, list) and not check.whole_list
+    if all(check.test(v) for v in (value if each else [value])):
+        return None
+    return f"{key} is {value!r}; allowed: {'a list of values each ' if each else ''}{check.allowed}"
+
+
+def _cross_problems(cfg: Config) -> list[str]:
+    """Checks that tie keys together: split shares, attention heads, the patch grid, the regex."""
+    from multifusion.patch_grid import derive_patch_sizes
+
+    problems = []
+    split = cfg.data.split
+    if abs(split.train + split.val + split.test - 1.0) > 1e-6:
+        problems.append(f"data.split train {split.train} + val {split.val} + test {split.test} = "
+                        f"{split.train + split.val + split.test:g}; the three shares must sum to 1")
+    for dim_key, heads_key in (("hnf.dim", "hnf.heads"), ("hnf.dim", "fusion.heads"), ("text.hidden", "text.heads")):
+        dim, heads = lookup(cfg, dim_key), lookup(cfg, heads_key)
+        if heads >= 1 and dim % heads:
+            problems.append(f"{dim_key} = {dim} is not divisible by {heads_key} = {heads}; change one of them")
+    if 1 <= cfg.hnf.layers <= MAX_HNF_LAYERS and cfg.data.image_size >= 1:
+        try:
+            derive_patch_sizes(cfg.data.image_size, cfg.hnf.layers, cfg.hnf.patch_sizes, cfg.hnf.stem)
+        except ValueError as err:
+            problems.append(str(err))
+    if cfg.data.group_pattern is not None:
+        try:
+            re.compile(cfg.data.group_pattern)
+        except re.error as err:
+            problems.append(f"data.group_pattern {cfg.data.group_pattern!r} is not a valid regular expression ({err})")
+    return problems
+
+
+def validate(cfg: Config) -> Config:
+    """``cfg`` if every choice and range holds, else ConfigError naming every bad key, its
+    value and what is allowed (all problems in one line)."""
+    problems = [p for key, check in RULES.items() if (p := _rule_problem(key, lookup(cfg, key), check))]
+    problems += _cross_problems(cfg)
+    if problems:
+        raise ConfigError("params.yaml: " + "; ".join(problems))
+    return cfg
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate the Config of a params mapping (params.yaml, a model's config.json)."""
     return validate(_build(Config, raw, ""))
