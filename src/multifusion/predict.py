@@ -39,7 +39,6 @@ from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.ingest import ImageError, load_micrograph
 from multifusion.evaluate import predict_probs
-from multifusion.screening_report import ScreeningReport
 from multifusion.output_paths import CSV_RULE, FIGURE_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
