@@ -69,6 +69,7 @@ def predict(
     threshold: float | None = typer.Option(None, "--threshold", help="Flag rows whose top-1 probability is below this (default: params predict.uncertain_threshold)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per forward pass (default: params predict.batch_size)."),
     contact_sheet: str | None = typer.Option(None, "--contact-sheet", help="PNG grid of the least certain images with their top predictions."),
+    report: str | None = typer.Option(None, "--report", help="Self-contained HTML page: every input with thumbnail, calibrated top-k, uncertain flag, explanation overlay; sortable, filterable, offline."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
 ) -> None:
@@ -85,6 +86,7 @@ def predict(
             device=device,
             contact_sheet=contact_sheet,
             contact_sheet_size=settings.contact_sheet,
+            report=report,
         )
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -93,6 +95,29 @@ def predict(
     typer.echo(f"{out}: {result.n_read} classified ({uncertain} uncertain), {result.n_failed} unreadable")
     if result.n_read == 0:
         typer.echo("error: no file could be read; see the error column of the CSV", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(
+    paths: list[str] = typer.Argument(..., help="Micrograph files, folders (recursive) and glob patterns."),
+    out: str = typer.Option(..., "--out", help="Folder for the overlay PNGs and explanations.csv."),
+    model: str = typer.Option("models/hnf", "--model", help="Directory of a trained model (config.json + model.safetensors)."),
+    size: int = typer.Option(512, "--size", help="Approximate side of each overlay in pixels (the model's view, upscaled)."),
+    target: str | None = typer.Option(None, "--target", help="Explain this class instead of the predicted one."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Explanation overlays (where on the micrograph the call came from) as PNGs, for papers and slides."""
+    from multifusion.overlays import explain_paths
+
+    try:
+        rows = explain_paths(model, paths, out, size=size, target=target, device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    written = sum(1 for r in rows if not r["error"])
+    typer.echo(f"{out}: {written} overlays, {len(rows) - written} unreadable; see {Path(out) / 'explanations.csv'}")
+    if written == 0:
         raise typer.Exit(1)
 
 

@@ -39,6 +39,7 @@ from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.ingest import ImageError, load_micrograph
 from multifusion.evaluate import predict_probs
+from multifusion.screening_report import ScreeningReport
 from multifusion.output_paths import CSV_RULE, FIGURE_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
@@ -132,12 +133,14 @@ def predict_paths(
     device: str = "cpu",
     contact_sheet: str | Path | None = None,
     contact_sheet_size: int = 16,
+    report: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> PredictionResult:
     """Classify every micrograph named by ``inputs``; write the CSV (and contact sheet).
 
     ``workers``: decoding threads (None: the model's ``data.workers``; 0 = all cores).
+    ``report``: also write the screening page (HTML with explanation overlays) there.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
@@ -153,6 +156,7 @@ def predict_paths(
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
 
+    page = None if report is None else ScreeningReport(report, model_dir, loaded, uncertain_threshold, k)
     rows: list[dict] = []
     sheet: list[tuple[float, int, SheetEntry]] = []  # max-heap on probability via negation
     n_read = 0
@@ -186,6 +190,8 @@ def predict_paths(
                     heapq.heappush(sheet, (-float(p[order[0]]), -len(rows), entry))
                     if len(sheet) > contact_sheet_size:
                         heapq.heappop(sheet)  # drops the most certain
+            if page is not None:
+                page.add_batch(batch, good, rows[-len(batch):], probs, device)
             bar.update(len(batch))
         bar.close()
 
@@ -196,6 +202,8 @@ def predict_paths(
         table.to_csv(out_csv, index=False)
     if contact_sheet is not None and least_certain:
         draw_contact_sheet(least_certain, contact_sheet, title=f"{len(least_certain)} least certain of {n_read}")
+    if page is not None:
+        page.close()
     return PredictionResult(table=table, n_read=n_read, n_failed=len(rows) - n_read, least_certain=least_certain)
 
 

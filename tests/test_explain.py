@@ -1,0 +1,153 @@
+"""Explanation overlays: Grad-CAM against its closed form (the class activation map of a
+global-average-pool + linear model), overlays that point at the evidence (a model trained
+on images whose class evidence sits in one quadrant), the target-layer choice, the
+input-gradient fallback, and the description attention of a text-fused MultiFusion."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from multifusion.data.dataset import to_model_input
+from multifusion.explain import cam_target_layer, explain_batch, grad_cam, overlay, top_descriptions
+
+S = 32
+
+
+class TinyCNN(nn.Module):
+    """x (B, 1, S, S) -> conv features (B, 16, S/2, S/2) -> global mean -> linear -> (B, classes)."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
+
+
+class WithCamLayer(TinyCNN):
+    """The same network naming its feature map as MultiFusion does."""
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        return self.features
+
+
+def quadrant_images(n: int, rng: np.random.Generator, quadrant: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, S, S): flat grey + noise; class 1 adds stripes in one quadrant (given, or random)."""
+    x = 128 + rng.normal(0, 6, (n, S, S))
+    labels = np.ones(n, dtype=np.int64) if quadrant is not None else rng.integers(0, 2, n)
+    half = S // 2
+    cols = np.arange(half)[None, :]
+    for i in np.flatnonzero(labels):
+        r, c = divmod(int(rng.integers(0, 4)) if quadrant is None else quadrant, 2)
+        x[i, r * half:(r + 1) * half, c * half:(c + 1) * half] += 90 * np.sin(1.6 * cols + rng.uniform(0, 6))
+    return np.clip(x, 0, 255).astype(np.uint8), labels
+
+
+def quadrant_mass(heat: np.ndarray) -> np.ndarray:
+    """(B, S, S) -> (B, 4) share of each map's mass per quadrant (row-major: TL, TR, BL, BR)."""
+    mass = heat.reshape(len(heat), 2, S // 2, 2, S // 2).sum(axis=(2, 4)).reshape(len(heat), 4)
+    return mass / mass.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    """WithCamLayer trained for a few steps to call 'stripes anywhere' against 'blank'."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = WithCamLayer()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        x, y = quadrant_images(32, rng)
+        loss = F.cross_entropy(model(to_model_input(x)), torch.as_tensor(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = quadrant_images(64, rng)
+    assert (model(to_model_input(x)).argmax(1).numpy() == y).mean() > 0.95  # it learned the task
+    return model.eval()
+
+
+def test_grad_cam_equals_the_class_activation_map_of_a_gap_linear_model():
+    torch.manual_seed(1)
+    model = TinyCNN(classes=3).eval()
+    x = torch.randn(4, 1, S, S)
+    targets = torch.tensor([0, 1, 2, 1])
+    heat = grad_cam(model, x, targets, model.features[-1])  # (4, S, S)
+    A = model.features(x).detach()  # (4, 16, S/2, S/2)
+    W = model.fc.weight.detach()[targets]  # (4, 16)
+    cam = F.relu(torch.einsum("bk,bkhw->bhw", W, A))[:, None] / (A.shape[2] * A.shape[3])  # Zhou et al.: ReLU(sum_k w_ck A_k)
+    ref = F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    peak = ref.flatten(1).amax(1)  # (4,)
+    ref = ref / peak.clamp(min=1e-12)[:, None, None]
+    assert heat.shape == (4, S, S) and (peak > 0).sum() >= 2  # the comparison is not all zeros
+    torch.testing.assert_close(heat, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_target_layer_is_cam_layer_else_the_last_conv():
+    named, plain = WithCamLayer(), TinyCNN()
+    assert cam_target_layer(named) is named.features
+    assert cam_target_layer(plain) is plain.features[4]
+    assert cam_target_layer(nn.Sequential(nn.Flatten(), nn.Linear(S * S, 2))) is None
+
+
+@pytest.mark.parametrize("quadrant", [0, 1, 2, 3])
+def test_overlay_mass_sits_in_the_quadrant_holding_the_evidence(trained, quadrant):
+    x, _ = quadrant_images(16, np.random.default_rng(10 + quadrant), quadrant)
+    maps = explain_batch(trained, x, np.ones(16, dtype=np.int64))
+    assert maps.method == "grad-cam" and maps.attention is None  # no text head here
+    share = quadrant_mass(maps.heat)[:, quadrant]  # (16,)
+    assert share.mean() > 0.7 and share.min() > 0.4, share  # chance is 0.25
+    blank = explain_batch(trained, np.full((1, S, S), 128, np.uint8), np.ones(1, dtype=np.int64)).heat
+    assert np.isfinite(blank).all()  # an all-zero map stays finite
+
+
+def test_input_gradient_fallback_points_at_the_only_pixels_the_model_reads():
+    weights = torch.zeros(2, 1, S, S)
+    weights[1, 0, S // 2:, : S // 2] = 0.01  # class 1 reads the bottom-left quadrant only
+    model = nn.Sequential(nn.Flatten(), nn.Linear(S * S, 2, bias=False))
+    model[1].weight.data = weights.flatten(1)
+    x, _ = quadrant_images(4, np.random.default_rng(3), quadrant=2)
+    maps = explain_batch(model, x, np.ones(4, dtype=np.int64))
+    assert maps.method == "input-gradient"
+    assert quadrant_mass(maps.heat)[:, 2].min() > 0.9
+
+
+def test_description_attention_of_multifusion_names_the_stored_descriptions(make_config):
+    from multifusion.checkpoint import text_record
+    from multifusion.model import build_model
+    from multifusion.text.features import TextFeatures
+
+    cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.text": True, "fusion.mode": "mha"})
+    T, L = 6, 5
+    text = TextFeatures(torch.randn(T, L, cfg.text.hidden), torch.ones(T, L, dtype=torch.bool), torch.randn(T, cfg.text.hidden),
+                        ["a", "a", "b", "b", "c", "c"], ["morphology", "synthesis"] * 3, [0] * T)
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, text).eval()
+    x, _ = quadrant_images(2, np.random.default_rng(0), quadrant=0)
+    maps = explain_batch(model, x, np.array([0, 2]))
+    assert maps.heat.shape == (2, S, S) and np.isfinite(maps.heat).all()
+    assert maps.attention.shape == (2, T) and np.allclose(maps.attention.sum(axis=1), 1.0, atol=1e-5)
+    top = top_descriptions(maps.attention[0], text_record(text), k=3)
+    assert len(top) == 3 and all(c in "abc" and t in ("morphology", "synthesis") for c, t, _ in top)
+    assert [w for _, _, w in top] == sorted((w for _, _, w in top), reverse=True)
+    concat = build_model(make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.mode": "concat"}), 3, text)
+    assert explain_batch(concat.eval(), x, np.array([0, 1])).attention is None  # no cross-modal attention
+
+
+def test_overlay_blends_colour_in_proportion_to_the_map():
+    image = np.full((8, 8), 100, np.uint8)
+    heat = np.zeros((8, 8), np.float32)
+    heat[:4] = 1.0
+    rgb = overlay(image, heat, scale=2)
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    assert (rgb[12:] == 100).all()  # where the map is 0 the micrograph shows unchanged
+    assert np.abs(rgb[:6].astype(int) - 100).max() > 40  # where it is 1, the colour
