@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from multifusion.data.split import MIN_GROUPS  # independent validation groups needed to cross-validate the fit
+
 T_MIN, T_MAX = 0.1, 10.0   # a sane range: sharpen or soften the logits at most 10x
-MIN_GROUPS = 3             # independent validation groups needed to cross-validate the fit
 FOLDS = 5
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 

@@ -30,10 +30,9 @@ from multifusion.cli_errors import UserError
 from multifusion.config import DataConfig
 from multifusion.data.ingest import Record, prepare_files
 from multifusion.data.layout import LayoutError, scan_folder
-from multifusion.data.split import SPLITS, assign_splits, near_duplicate_pairs, pattern_pairs, union_groups
+from multifusion.data.split import MIN_GROUPS, SPLITS, assign_splits, near_duplicate_pairs, pattern_pairs, union_groups
 
 log = logging.getLogger("multifusion.prepare")
-MIN_GROUPS = 3  # independent groups per class below which val/test scores (and the temperature) are noise
 
 
 class PrepareError(UserError, RuntimeError):

@@ -19,6 +19,7 @@ import numpy as np
 from multifusion.data.resample import filter_matrix
 
 SPLITS = ("train", "val", "test")
+MIN_GROUPS = 3  # independent groups of a class a split needs before its scores (or a temperature fitted on it) mean much
 
 
 def _dct_rows(n: int, k: int) -> np.ndarray:
