@@ -393,3 +393,14 @@ def test_training_state_loads_weights_only_and_checks_the_fingerprint(tmp_path, 
     save_training_state(tmp_path, state)
     (tmp_path / TRAIN_STATE).write_bytes((tmp_path / TRAIN_STATE).read_bytes()[:200])  # killed mid-copy
     assert load_training_state(tmp_path, "run-a") is None
+
+
+def test_predict_defaults_from_a_broken_model_config_name_the_file(tmp_path, shots, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"config": ')
+    (model / "model.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # no ./params.yaml: the defaults come from the model's config.json
+    result = CliRunner().invoke(__import__("multifusion.cli", fromlist=["app"]).app,
+                                ["predict", str(shots), "--model", str(model), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 2 and f"{model / 'config.json'}: damaged, not valid JSON" in result.output

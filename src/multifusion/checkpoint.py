@@ -167,13 +167,18 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _rebuild(record: dict[str, Any], path: Path) -> tuple[Config, nn.Module]:
-    """The Config and the (untrained) module that config.json describes."""
+def model_config(record: dict[str, Any], path: Path) -> Config:
+    """The params a model was trained with (``record``: its config.json at ``path``)."""
     try:
-        cfg = config_from_dict(record["config"])
+        return config_from_dict(record["config"])
     except ConfigError as err:
         raise ModelDirError(f"{path}: its params do not fit this version of multifusion "
                             f"({str(err).removeprefix('params.yaml: ').split(';')[0]}); retrain with it (`dvc repro train`)") from None
+
+
+def _rebuild(record: dict[str, Any], path: Path) -> tuple[Config, nn.Module]:
+    """The Config and the (untrained) module that config.json describes."""
+    cfg = model_config(record, path)
     try:
         return cfg, build_from_record(record, cfg)
     except (ValueError, KeyError, TypeError, IndexError) as err:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import heapq
-import json
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from multifusion.checkpoint import CONFIG, load_model
+from multifusion.checkpoint import CONFIG, load_model, model_config, read_record
 from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.ingest import ImageError, load_micrograph
@@ -220,4 +219,4 @@ def predict_settings(model_dir: str | Path, params: str | Path | None) -> Predic
     record_path = Path(model_dir) / CONFIG
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path}: missing; pass the directory of a trained model to --model")
-    return PredictConfig(**json.loads(record_path.read_text())["config"]["predict"])
+    return model_config(read_record(record_path), record_path).predict
