@@ -179,6 +179,8 @@ def predict_cli(*args: str) -> tuple[int, str]:
     ("--out", "some_folder/", "is a folder"),
     ("--out", "shots", "is a folder"),
     ("--contact-sheet", "sheet.csv", "needs one of the extensions"),
+    ("--report", "shots/b.tif", "is one of the inputs"),
+    ("--report", "report.png", "needs one of the extensions"),
     ("--out", "shots/a.png/x.csv", "is a file"),
 ])
 def test_output_that_would_destroy_an_input_is_refused_before_inference(tmp_path, shots, flag, target, problem):

@@ -29,6 +29,7 @@ class OutputRule:
 
 CSV_RULE = OutputRule("predictions.csv", refuse=IMAGE_EXTENSIONS)
 FIGURE_RULE = OutputRule("contact_sheet.png", require=(".png", ".jpg", ".jpeg", ".pdf", ".svg"))
+HTML_RULE = OutputRule("report.html", require=(".html", ".htm"))
 
 
 def _writable_folder(path: Path) -> str | None:

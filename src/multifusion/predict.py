@@ -39,7 +39,7 @@ from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.ingest import ImageError, load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.screening_report import ScreeningReport
-from multifusion.output_paths import CSV_RULE, FIGURE_RULE, check_outputs
+from multifusion.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
 
@@ -148,7 +148,7 @@ def predict_paths(
     if not 0.0 <= uncertain_threshold <= 1.0:
         raise ValueError(f"--threshold must be a probability in [0, 1], got {uncertain_threshold}")
     items = expand_inputs(inputs)
-    outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE)}
+    outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE), "--report": (report, HTML_RULE)}
     check_outputs(outputs, [path for path, problem in items if problem is None])  # before any inference
     loaded = load_model(model_dir, device=device)
     data = loaded.cfg.data
