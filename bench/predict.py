@@ -2,13 +2,15 @@
 
     python bench/predict.py                      # 1,000 synthetic 1024x768 micrographs, CPU (+ CUDA if visible)
     python bench/predict.py --n 200 --cli        # fewer files, also time the CLI end to end
+    python bench/predict.py --report             # also time `predict --report` (HTML page with overlays)
 
 Both paths decode every file with the same preprocessing (``load_micrograph`` with the
 model's data section: grey, info-bar crop, square, resize) and normalise with
 ``to_model_input``. The peer is the simplest loop a user would write: decode one file at a
 time, then one batched forward pass of engineer F's plain-PyTorch ResNet-18. The model is
 ``--model`` if it exists, else an untrained HNF built from params.yaml (throughput does
-not depend on the weights). Prints a table with images/s and the ratio to the peer.
+not depend on the weights). Prints a table with images/s and the ratio to the peer; with
+``--report`` also the time of ``predict --report`` over plain ``predict`` (target: <= 2).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def main() -> None:
     parser.add_argument("--format", default=".tif", choices=[".tif", ".png"])
     parser.add_argument("--model", default=str(ROOT / "models/hnf"))
     parser.add_argument("--cli", action="store_true", help="also time the `multifusion predict` command")
+    parser.add_argument("--report", action="store_true", help="also time predict with --report (HTML page, explanation overlays)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --report: best of this many alternating runs")
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "params.yaml")
@@ -120,6 +124,7 @@ def main() -> None:
             rows += [
                 ("ResNet-18 plain loop (peer)", device, args.n / peer_s, 1.0),
                 ("multifusion predict (library)", device, args.n / ours_s, peer_s / ours_s),
+                *(report_rows(model_dir, folder, tmp_path, batch, device, args.n, peer_s, args.rounds) if args.report else []),
                 ("  forward only: HNF", device, args.n / hnf_fwd, None),
                 ("  forward only: ResNet-18", device, args.n / res_fwd, None),
             ]
@@ -133,7 +138,22 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, model {model_dir.name}")
     print(f"{'pipeline':44s} {'device':6s} {'images/s':>10s} {'vs peer':>8s}")
     for name, device, rate, ratio in rows:
-        print(f"{name:44s} {device:6s} {rate:10.1f} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")
+        print(f"{name:44s} {device:6s} {'' if rate is None else f'{rate:10.1f}':>10s} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")
+
+
+def report_rows(model_dir: Path, folder: Path, tmp_path: Path, batch: int, device: str, n: int, peer_s: float, rounds: int) -> list:
+    """Rows for `predict --report`: its rate, and in the ratio column its time over plain
+    predict's, each the best of ``rounds`` runs taken alternately (a busy machine skews one run)."""
+    page = tmp_path / "report.html"
+    run = lambda **kw: predict_paths(model_dir, [folder], tmp_path / "r.csv", top_k=3, uncertain_threshold=0.5,  # noqa: E731
+                                     batch_size=batch, device=device, progress=False, **kw)
+    plain_s, report_s = float("inf"), float("inf")
+    for _ in range(rounds):
+        plain_s = min(plain_s, timed(run))
+        report_s = min(report_s, timed(lambda: run(report=page)))
+    print(f"report page: {page.stat().st_size / 1e6:.1f} MB for {n} images", flush=True)
+    return [("multifusion predict --report (library)", device, n / report_s, peer_s / report_s),
+            (f"  --report time / plain predict time (best of {rounds})", device, None, report_s / plain_s)]
 
 
 def random_text(cfg, num_classes: int):

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from multifusion.data.dataset import to_model_input
-from multifusion.explain import cam_target_layer, explain_batch, grad_cam, overlay, top_descriptions
+from multifusion.explain import Explainer, cam_target_layer, explain_batch, grad_cam, overlay, top_descriptions
 
 S = 32
 
@@ -81,7 +81,7 @@ def test_grad_cam_equals_the_class_activation_map_of_a_gap_linear_model():
     model = TinyCNN(classes=3).eval()
     x = torch.randn(4, 1, S, S)
     targets = torch.tensor([0, 1, 2, 1])
-    heat = grad_cam(model, x, targets, model.features[-1])  # (4, S, S)
+    heat, _ = grad_cam(model, x, targets, model.features[-1])  # (4, S, S)
     A = model.features(x).detach()  # (4, 16, S/2, S/2)
     W = model.fc.weight.detach()[targets]  # (4, 16)
     cam = F.relu(torch.einsum("bk,bkhw->bhw", W, A))[:, None] / (A.shape[2] * A.shape[3])  # Zhou et al.: ReLU(sum_k w_ck A_k)
@@ -139,8 +139,50 @@ def test_description_attention_of_multifusion_names_the_stored_descriptions(make
     top = top_descriptions(maps.attention[0], text_record(text), k=3)
     assert len(top) == 3 and all(c in "abc" and t in ("morphology", "synthesis") for c, t, _ in top)
     assert [w for _, _, w in top] == sorted((w for _, _, w in top), reverse=True)
+    explainer = Explainer(model)  # batch 1 checks the head's shortcut, batch 2 uses it
+    for seed in (1, 2):
+        y, _ = quadrant_images(3, np.random.default_rng(seed), quadrant=seed)
+        with torch.no_grad():
+            full = model.description_attention(to_model_input(y)).numpy()  # (3, T): the contract's call
+        np.testing.assert_allclose(explainer.explain(y, np.array([0, 1, 2])).attention, full, atol=1e-5)
+    assert explainer.head_verified
     concat = build_model(make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.mode": "concat"}), 3, text)
     assert explain_batch(concat.eval(), x, np.array([0, 1])).attention is None  # no cross-modal attention
+
+
+class DisagreeingHead(nn.Module):
+    """A head whose own description_attention is not what the model reports."""
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return visual @ text.t()  # (B, T) used as logits
+
+    def description_attention(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return torch.full((visual.shape[0], text.shape[0]), 1.0 / text.shape[0])
+
+
+class ToyTextModel(TinyCNN):
+    def __init__(self) -> None:
+        super().__init__(classes=16)
+        self.text = nn.Parameter(torch.randn(3, 16))
+        self.head = DisagreeingHead()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.features(x).mean(dim=(2, 3))), self.text)  # (B, 3)
+
+    def description_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(self.features(x).mean(dim=(2, 3))) @ self.text.t()).softmax(dim=1)  # (B, 3)
+
+
+def test_attention_shortcut_that_disagrees_with_the_model_is_dropped():
+    torch.manual_seed(0)
+    model = ToyTextModel().eval()
+    x, _ = quadrant_images(5, np.random.default_rng(0), quadrant=1)
+    explainer = Explainer(model)
+    for _ in range(2):
+        got = explainer.explain(x, np.zeros(5, dtype=np.int64)).attention
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model.description_attention(to_model_input(x)).numpy(), atol=1e-6)
+    assert explainer.head is None and not explainer.head_verified
 
 
 def test_overlay_blends_colour_in_proportion_to_the_map():

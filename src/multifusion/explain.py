@@ -34,6 +34,7 @@ from PIL import Image
 from multifusion.checkpoint import CONFIG
 from multifusion.data.dataset import to_model_input
 
+VERIFY_IMAGES = 4     # images on which the attention shortcut is checked against the contract's call
 OVERLAY_ALPHA = 0.55  # colour weight where the map is 1 (the micrograph shows through below)
 
 
@@ -62,67 +63,123 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps / peak[:, None, None]
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """x (B, 1, S, S), targets (B,) class indices -> (B, S, S) Grad-CAM in [0, 1]."""
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, layer: nn.Module, watch: nn.Module | None = None
+) -> tuple[torch.Tensor, tuple | None]:
+    """x (B, 1, S, S), targets (B,) class indices -> ((B, S, S) Grad-CAM in [0, 1], the
+    positional inputs of ``watch`` in that forward pass, detached, or None).
+
+    Autograd records only from ``layer``'s output on: nothing below it is kept for a
+    backward pass that never goes there, and no parameter gradient is computed."""
     captured: list[torch.Tensor] = []
+    seen: list[tuple] = []
 
-    def keep(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        captured.append(output)
+    def start_recording(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            raise ValueError(f"{type(layer).__name__}: Grad-CAM needs a (B, C, h, w) feature map from the target layer")
+        torch.set_grad_enabled(True)  # the rest of this forward pass is recorded
+        captured.append(output.detach().requires_grad_(True))
+        return captured[-1]
 
-    handle = layer.register_forward_hook(keep)
+    handles = [layer.register_forward_hook(start_recording)]
+    if watch is not None:
+        handles.append(watch.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(
+            t.detach() if isinstance(t, torch.Tensor) else t for t in inputs))))
     try:
-        logits = model(x)  # (B, C)
+        with torch.no_grad():
+            logits = model(x)  # (B, C)
     finally:
-        handle.remove()
-    if not captured or captured[-1].ndim != 4:
-        raise ValueError(f"{type(layer).__name__}: Grad-CAM needs a (B, C, h, w) feature map from the target layer")
+        for handle in handles:
+            handle.remove()
+    if not captured:
+        raise ValueError(f"{type(layer).__name__}: the Grad-CAM target layer did not run in the forward pass")
     features = captured[-1]  # (B, K, h, w)
-    # gradients of the target logits w.r.t. the feature map only: nothing below it, no parameter grads
+    # gradients of the target logits w.r.t. the feature map only
     (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), features)  # (B, K, h, w)
     weights = grad.mean(dim=(2, 3), keepdim=True)  # (B, K, 1, 1)
     cam = F.relu((weights * features).sum(dim=1, keepdim=True))  # (B, 1, h, w)
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]  # (B, S, S)
-    return _normalise(cam.detach())
+    return _normalise(cam.detach()), (seen[-1] if seen else None)
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """|d y_c / d x * x|, smoothed by a 5 x 5 box: (B, S, S) in [0, 1], for models without convolutions."""
-    logits = model(x)  # (B, C)
-    (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)  # (B, C)
+        (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x)
     saliency = (grad * x).abs()  # (B, 1, S, S)
     saliency = F.avg_pool2d(saliency, 5, stride=1, padding=2, count_include_pad=False)[:, 0]
     return _normalise(saliency.detach())
 
 
+def _attention_head(model: nn.Module) -> nn.Module | None:
+    """A submodule with its own ``description_attention(*inputs)`` (MultiFusion's cross-modal head)."""
+    return next((m for m in model.modules() if m is not model and callable(getattr(m, "description_attention", None))), None)
+
+
+class Explainer:
+    """Explanations of one model, batch after batch.
+
+    The description attention is ``model.description_attention(x)``: a second forward
+    pass. When a submodule offers ``description_attention`` on its own inputs (the head),
+    the inputs it saw in the Grad-CAM pass are reused instead, once the first batch has
+    shown on a few images that both give the same weights; otherwise every batch takes the
+    contract's call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layer = cam_target_layer(model)
+        self.method = "grad-cam" if self.layer is not None else "input-gradient"
+        attend = getattr(model, "description_attention", None)
+        self.attend = attend if callable(attend) else None
+        self.head = _attention_head(model) if self.attend is not None else None
+        self.head_verified = False
+
+    def explain(self, images_u8: np.ndarray, targets: np.ndarray, device: str | torch.device = "cpu") -> Explanations:
+        """Overlay maps for ``targets`` (B,) on uint8 images (B, S, S), plus the description attention."""
+        device = torch.device(device)
+        was_training = self.model.training
+        self.model.eval()
+        x = to_model_input(np.asarray(images_u8)).to(device)  # (B, 1, S, S)
+        target = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)  # (B,)
+        try:
+            if self.layer is None:
+                heat, head_inputs = input_gradient(self.model, x, target), None
+            else:
+                heat, head_inputs = grad_cam(self.model, x, target, self.layer, watch=self.head)
+            attention = self._attention(x, head_inputs)
+        finally:
+            self.model.train(was_training)
+        return Explanations(heat=heat.float().cpu().numpy(), attention=attention, method=self.method)
+
+    @torch.no_grad()
+    def _attention(self, x: torch.Tensor, head_inputs: tuple | None) -> np.ndarray | None:
+        """(B, T) attention of each image over the stored descriptions, or None."""
+        if self.attend is None:
+            return None
+        quick = None
+        if self.head is not None and head_inputs is not None:
+            try:
+                quick = self.head.description_attention(*head_inputs)  # (B, T)
+            except (TypeError, ValueError, RuntimeError, IndexError):
+                self.head = None
+        if quick is not None and not self.head_verified:  # check the shortcut once, on a few images
+            probe = self.attend(x[:VERIFY_IMAGES])  # (b, T) or None
+            self.head_verified = probe is not None and quick[:VERIFY_IMAGES].shape == probe.shape and bool(
+                torch.allclose(quick[:VERIFY_IMAGES], probe, atol=1e-5))
+            self.head = self.head if self.head_verified else None
+        if quick is not None and self.head_verified:
+            return quick.float().cpu().numpy()
+        full = self.attend(x)  # (B, T) or None
+        return None if full is None else full.float().cpu().numpy()
+
+
 def explain_batch(
     model: nn.Module, images_u8: np.ndarray, targets: np.ndarray, device: str | torch.device = "cpu"
 ) -> Explanations:
-    """Overlay maps for ``targets`` (B,) on uint8 images (B, S, S), plus the description attention."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x = to_model_input(np.asarray(images_u8)).to(device).requires_grad_(True)  # (B, 1, S, S)
-    target = torch.as_tensor(np.asarray(targets), dtype=torch.long, device=device)  # (B,)
-    layer = cam_target_layer(model)
-    try:
-        with torch.enable_grad():
-            heat = grad_cam(model, x, target, layer) if layer is not None else input_gradient(model, x, target)
-        attention = description_attention(model, x.detach())
-    finally:
-        model.train(was_training)
-    return Explanations(
-        heat=heat.float().cpu().numpy(),
-        attention=attention,
-        method="grad-cam" if layer is not None else "input-gradient",
-    )
-
-
-@torch.no_grad()
-def description_attention(model: nn.Module, x: torch.Tensor) -> np.ndarray | None:
-    """(B, T) attention of each image over the stored descriptions, or None."""
-    attend = getattr(model, "description_attention", None)
-    weights = attend(x) if callable(attend) else None  # (B, T) or None
-    return None if weights is None else weights.float().cpu().numpy()
+    """One batch's :class:`Explanations` (for many batches keep one :class:`Explainer`)."""
+    return Explainer(model).explain(images_u8, targets, device)
 
 
 def saved_text_record(model_dir: str | Path) -> dict | None:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from multifusion.checkpoint import load_model
 from multifusion.evaluate import predict_probs
-from multifusion.explain import explain_batch, overlay, saved_text_record, top_descriptions
+from multifusion.explain import Explainer, overlay, saved_text_record, top_descriptions
 from multifusion.predict import expand_inputs, read_one
 from multifusion.screening_report import ATTENDED
 
@@ -50,6 +50,7 @@ def explain_paths(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text, taken, rows = saved_text_record(model_dir), set(), []
+    explainer = Explainer(loaded.model)
     items = expand_inputs(inputs)
     for start in range(0, len(items), batch_size):
         decoded = [(p, *((None, problem) if problem else read_one(p, loaded.cfg.data))) for p, problem in items[start : start + batch_size]]
@@ -60,7 +61,7 @@ def explain_paths(
         images = np.stack([image for _, image in good])  # (B, S, S) uint8
         probs = predict_probs(loaded.model, images, batch_size, device, temperature=loaded.temperature)  # (B, C)
         targets = probs.argmax(axis=1) if target is None else np.full(len(good), loaded.classes.index(target))
-        maps = explain_batch(loaded.model, images, targets, device)
+        maps = explainer.explain(images, targets, device)
         scale = max(1, round(size / images.shape[-1]))
         for j, (path, image) in enumerate(good):
             name = _unique_name(path, taken)

@@ -25,10 +25,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch.nn as nn
 
 from multifusion.checkpoint import LoadedModel
-from multifusion.explain import explain_batch, overlay, png_bytes, saved_text_record, top_descriptions
+from multifusion.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
 
 ATTENDED = 3  # descriptions listed per image
 
@@ -106,7 +105,7 @@ class ScreeningReport:
     def __init__(self, path: str | Path, model_dir: str | Path, loaded: LoadedModel, uncertain_threshold: float, top_k: int) -> None:
         self.path = Path(path)
         self.model_dir = Path(model_dir)
-        self.model: nn.Module = loaded.model
+        self.explainer = Explainer(loaded.model)
         self.classes = list(loaded.classes)
         self.threshold = uncertain_threshold
         self.top_k = top_k
@@ -122,7 +121,7 @@ class ScreeningReport:
         explained = {}
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            maps = explain_batch(self.model, images, probs.argmax(axis=1), device)
+            maps = self.explainer.explain(images, probs.argmax(axis=1), device)
             self.method = maps.method
             for j, i in enumerate(good):
                 attention = None if maps.attention is None else maps.attention[j]
