@@ -20,7 +20,7 @@ import yaml
 TINY = {
     "synthesize": {"total": 100, "min_per_class": 8, "width": 160, "height": 120},
     "data": {"image_size": 32},
-    "text": {"steps": 5, "hidden": 32, "intermediate": 64, "heads": 2, "vocab_size": 300, "max_length": 48},
+    "text": {"head_steps": 2, "steps": 3, "hidden": 32, "intermediate": 64, "heads": 2, "vocab_size": 300, "max_length": 48},
     "hnf": {"dim": 32},
     "train": {"epochs": 1, "batch_size": 16},
 }
