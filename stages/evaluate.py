@@ -42,7 +42,8 @@ def main() -> None:
     if loaded.classes != prepared.classes:
         raise SystemExit(f"{args.model}: trained on classes {loaded.classes}, but {args.prepared} has {prepared.classes}; retrain")
     metrics, per_class, labels, preds = evaluate_split(
-        loaded.model, prepared, args.split, loaded.temperature, cfg.evaluate.batch_size, device, cfg.evaluate.ece_bins
+        loaded.model, prepared, args.split, loaded.temperature, cfg.evaluate.batch_size, device, cfg.evaluate.ece_bins,
+        cfg.evaluate.tta,
     )
     metrics |= calibration_summary(loaded.calibration)
     for path in (args.metrics, args.per_class):

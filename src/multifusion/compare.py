@@ -85,7 +85,8 @@ def run_comparison(
     device = resolve_device(cfg_run.evaluate.device)
     loaded.model.to(device)
     metrics, _, _, _ = evaluate_split(
-        loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins
+        loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins,
+        cfg_run.evaluate.tta,
     )
     metrics = {"model": name, **metrics, "params": int(n_params), "train_seconds": round(train_seconds, 1)}
     if cfg.compare.robustness:

@@ -128,6 +128,8 @@ class HNFConfig:
     patch_sizes: list[int] | None
     heads: int
     stem: str
+    stem_width: int
+    global_token: bool
     sequence_encoder: str
     graph: bool
     dropout: float
@@ -181,10 +183,12 @@ class EvaluateConfig:
     ece_bins: int
     batch_size: int
     device: str
+    tta: bool
 
 
 @dataclass(frozen=True)
 class CompareConfig:
+    set: str                                   # reports/<set>/: the name of the data set compared
     models: list[str]                          # baselines and ablations the comparison trains
     ablations: dict[str, dict[str, Any]]       # ablation name -> dotted params overrides
     robustness: bool
@@ -355,7 +359,7 @@ RULES: dict[str, Check] = {
     "text.warmup_steps": at_least(0), "text.grad_clip": at_least(0), "text.mask_prob": in_range(0.0, 1.0, True, True),
     "text.heldout": in_range(0.0, 1.0, True, True), "text.threads": at_least(0),
     "hnf.layers": in_range(1, MAX_HNF_LAYERS), "hnf.dim": at_least(1), "hnf.heads": at_least(1),
-    "hnf.patch_sizes": optional(NON_EMPTY), "hnf.stem": one_of(STEMS), "hnf.sequence_encoder": one_of(SEQUENCE_ENCODERS),
+    "hnf.patch_sizes": optional(NON_EMPTY), "hnf.stem": one_of(STEMS), "hnf.stem_width": at_least(8), "hnf.sequence_encoder": one_of(SEQUENCE_ENCODERS),
     "hnf.dropout": in_range(0.0, 1.0, high_open=True),
     "hnf.ode.solver": one_of(SOLVERS), "hnf.ode.steps": at_least(1), "hnf.ode.t1": POSITIVE,
     "hnf.ode.rtol": POSITIVE, "hnf.ode.atol": POSITIVE,
@@ -364,7 +368,7 @@ RULES: dict[str, Check] = {
     "train.epochs": at_least(1), "train.batch_size": at_least(1), "train.lr": at_least(0),  # 0: weights frozen
     "train.weight_decay": at_least(0), "train.warmup_epochs": at_least(0),
     "train.label_smoothing": in_range(0.0, 1.0, high_open=True), "train.balance": one_of(BALANCE_MODES),
-    "train.patience": at_least(1), "train.num_workers": at_least(0), "train.device": one_of(DEVICES),
+    "train.patience": at_least(0), "train.num_workers": at_least(0), "train.device": one_of(DEVICES),
     "train.grad_clip": at_least(0), "train.augment.crop_scale": in_range(0.0, 1.0, low_open=True),
     "train.augment.brightness": at_least(0), "train.augment.contrast": at_least(0), "train.augment.noise": at_least(0),
     "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),

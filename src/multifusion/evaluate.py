@@ -20,17 +20,34 @@ from multifusion.data.dataset import Prepared, to_model_input
 TOP_K = (1, 2, 3, 5)
 
 
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/rotations of a batch x (B, 1, S, S): micrographs have no orientation."""
+    views = []
+    for k in range(4):
+        turned = torch.rot90(x, k, dims=(-2, -1))
+        views += [turned, turned.flip(-1)]
+    return views
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images_u8: np.ndarray, batch_size: int, device: str | torch.device) -> np.ndarray:
-    """uint8 images (N, S, S) -> logits (N, C) float32, in batches, model in eval mode."""
+def predict_logits(
+    model: nn.Module, images_u8: np.ndarray, batch_size: int, device: str | torch.device, tta: bool = False
+) -> np.ndarray:
+    """uint8 images (N, S, S) -> logits (N, C) float32, in batches, model in eval mode.
+
+    ``tta`` (``evaluate.tta``, the test-time policy of every model alike): the logits are
+    averaged over the 8 dihedral views of each image.
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
     chunks = []
     for start in range(0, len(images_u8), batch_size):
         x = to_model_input(np.asarray(images_u8[start : start + batch_size])).to(device)  # (B, 1, S, S)
+        views = dihedral_views(x) if tta else [x]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            chunks.append(model(x).float().cpu())                                        # (B, C)
+            logits = sum(model(view).float() for view in views) / len(views)             # (B, C)
+        chunks.append(logits.cpu())
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_logits: no images given")
@@ -46,10 +63,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def predict_probs(
-    model: nn.Module, images_u8: np.ndarray, batch_size: int, device: str | torch.device, temperature: float = 1.0
+    model: nn.Module,
+    images_u8: np.ndarray,
+    batch_size: int,
+    device: str | torch.device,
+    temperature: float = 1.0,
+    tta: bool = False,
 ) -> np.ndarray:
     """uint8 images (N, S, S) -> class probabilities (N, C) = softmax(logits / temperature)."""
-    return softmax(predict_logits(model, images_u8, batch_size, device), temperature)
+    return softmax(predict_logits(model, images_u8, batch_size, device, tta), temperature)
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -172,6 +194,7 @@ def evaluate_split(
     batch_size: int,
     device: str | torch.device,
     ece_bins: int,
+    tta: bool = False,
 ) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray, np.ndarray]:
     """Metrics of ``model`` on one split, calibrated by ``temperature``.
 
@@ -183,7 +206,7 @@ def evaluate_split(
     if len(indices) == 0:
         raise ValueError(f"split '{split}' of the prepared data is empty; check data.split in params.yaml")
     labels = prepared.labels(indices)
-    logits = predict_logits(model, prepared.images[indices], batch_size, device)     # (N, C)
+    logits = predict_logits(model, prepared.images[indices], batch_size, device, tta)  # (N, C)
     probs = softmax(logits, temperature)
     metrics = classification_metrics(probs, labels, ece_bins)
     metrics["ece_uncalibrated"] = expected_calibration_error(softmax(logits), labels, ece_bins)

@@ -168,7 +168,7 @@ def predict_paths(
             probs = np.zeros((0, len(classes)))
             if good:
                 images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-                probs = predict_probs(loaded.model, images, batch_size, device, temperature=loaded.temperature)  # (B, C)
+                probs = predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.cfg.evaluate.tta)  # (B, C)
             prob_of = dict(zip(good, probs))
             for i, (path, image, reason) in enumerate(batch):
                 row: dict = {"path": str(path), "status": "ok" if image is not None else "error"}

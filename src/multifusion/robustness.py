@@ -222,7 +222,7 @@ def evaluate_under_shifts(
     labels = np.asarray(labels)
 
     def score(images: np.ndarray) -> dict[str, float]:
-        probs = predict_probs(model, images, rob.batch_size, device, temperature=temperature)  # (N, C)
+        probs = predict_probs(model, images, rob.batch_size, device, temperature, cfg.evaluate.tta)  # (N, C)
         return _scores(probs, labels, cfg)
 
     result: dict = {"n_images": int(len(labels)), "clean": score(images_u8), "shifts": {}}

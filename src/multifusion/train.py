@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from multifusion.calibration import fit_temperature
+from multifusion.calibration import calibrate_temperature
 from multifusion.checkpoint import (
     load_training_state,
     rng_states,
@@ -189,9 +189,11 @@ def train_one_epoch(
     return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
 
-def validate(model: nn.Module, prepared: Prepared, indices: np.ndarray, batch_size: int, device: torch.device) -> tuple[dict[str, float], np.ndarray]:
+def validate(
+    model: nn.Module, prepared: Prepared, indices: np.ndarray, batch_size: int, device: torch.device, tta: bool = False
+) -> tuple[dict[str, float], np.ndarray]:
     """Val loss (plain cross-entropy), accuracy and macro-F1; also the logits (N, C)."""
-    logits = predict_logits(model, prepared.images[indices], batch_size, device)      # (N, C)
+    logits = predict_logits(model, prepared.images[indices], batch_size, device, tta)  # (N, C)
     labels = prepared.labels(indices)
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     preds = logits.argmax(axis=1)
@@ -329,7 +331,7 @@ def fit(
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 since_best += 1
-            stopped = since_best >= train.patience
+            stopped = 0 < train.patience <= since_best
             row = {
                 "epoch": epoch,
                 "train/loss": train_loss,
@@ -372,10 +374,15 @@ def fit(
         stopped = bool(flag[0])
 
     if runtime.is_main:
-        model.load_state_dict(best_state)
-        _, val_logits = validate(model, prepared, val_indices, train.batch_size, runtime.device)
-        temperature = fit_temperature(val_logits, prepared.labels(val_indices))
-        save_model(out_dir, model, cfg, prepared.classes, text, temperature, model_name)
+        if train.patience > 0:  # early stopping: the best val weights; otherwise the last ones
+            model.load_state_dict(best_state)
+        # the temperature is fitted under the test-time policy the model is used with
+        _, val_logits = validate(model, prepared, val_indices, train.batch_size, runtime.device, cfg.evaluate.tta)
+        calibration = calibrate_temperature(
+            val_logits, prepared.labels(val_indices), prepared.manifest["group"].to_numpy()[val_indices]
+        )
+        temperature = calibration.temperature
+        save_model(out_dir, model, cfg, prepared.classes, text, temperature, model_name, calibration=calibration.to_dict())
         if history:
             live.log_image("training_curves.png", plot_curves(history))
         live.summary["best/val_macro_f1"] = best_f1

@@ -8,12 +8,14 @@ image sees all T descriptions of all classes, whatever its label (no label leaka
 Heads (``fusion.mode`` / ``fusion.text``):
 - ``CrossModalHead`` (mha): multi-head cross-attention both ways between the visual
   tokens (B, L, C) (the h_fus of every HNF layer) and the text embeddings (T, C)
-  broadcast to the batch; the pooled results of both sides -> classifier, plus the
-  scaled cosine similarity between the image embedding and each class's mean
-  description embedding (CLIP-style: the descriptions act as class prototypes, so a
-  class's text shapes its logit for every image alike).
-- ``ConcatHead`` (concat, "simple fusion"): [top h_fus, mean text] -> MLP.
-- ``VisualHead`` (text off): top h_fus -> linear classifier.
+  broadcast to the batch. Three terms per class k: a linear classifier on the
+  concatenated visual tokens (each layer's token keeps its own weights: nothing is averaged away); the match score of each description of class k after it has attended
+  to the image (text-to-visual attention, read out per description, so which class's
+  description matched is kept), averaged over k's descriptions; and the scaled cosine
+  similarity between the image embedding and k's mean description embedding
+  (CLIP-style prototypes).
+- ``ConcatHead`` (concat, "simple fusion"): [visual tokens, mean text] -> linear classifier.
+- ``VisualHead`` (text off): visual tokens -> linear classifier.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from multifusion.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
 from multifusion.model.ode import Attention
 
-from multifusion.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
 
 class AttentionPool(nn.Module):
     """Learned-query attention pooling over tokens under a mask.
@@ -87,10 +89,12 @@ class CrossModalHead(nn.Module):
         self.norm_t = nn.LayerNorm(dim)
         self.visual_to_text = Attention(dim, heads, dropout)  # visual queries attend to text
         self.text_to_visual = Attention(dim, heads, dropout)  # text queries attend to visual
-        self.norm = nn.LayerNorm(2 * dim)
+        self.norm = nn.LayerNorm(num_layers * dim)
         self.drop = nn.Dropout(dropout)
-        self.classifier = nn.Linear(2 * dim, num_classes)
-        self.image_proj = nn.Linear(2 * dim, dim)  # image embedding for the prototype match
+        self.classifier = nn.Linear(num_layers * dim, num_classes)
+        self.match_norm = nn.LayerNorm(dim)
+        self.match = nn.Linear(dim, 1)  # description state after attending to the image -> match score
+        self.image_proj = nn.Linear(num_layers * dim, dim)  # image embedding for the prototype match
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
     def class_prototypes(self, text: torch.Tensor) -> torch.Tensor:
@@ -112,40 +116,44 @@ class CrossModalHead(nn.Module):
         keys = torch.cat([self.null_token.expand(v.shape[0], -1, -1), v_n], dim=1)  # (B, 1+L, C)
         v = v + self.visual_to_text(v_n, t_n)  # (B, L, C)
         t = t + self.text_to_visual(t_n, keys)  # (B, T, C)
-        pooled = self.drop(self.norm(torch.cat([v.mean(1), t.mean(1)], dim=-1)))  # (B, 2C)
+        pooled = self.drop(self.norm(v.flatten(1)))  # (B, L*C)
+        match = self.match(self.drop(self.match_norm(t))).squeeze(-1)  # (B, T): each description vs this image
+        one_hot = F.one_hot(self.text_classes, self.num_classes).to(match.dtype)  # (T, K)
+        text_logits = match @ (one_hot / one_hot.sum(0).clamp(min=1))  # (B, K): mean over each class's descriptions
         image = F.normalize(self.image_proj(pooled), dim=-1)  # (B, C)
         prototypes = F.normalize(self.class_prototypes(text), dim=-1)  # (K, C)
         similarity = self.logit_scale.exp() * image @ prototypes.t()  # (B, K)
-        return self.classifier(pooled) + similarity
+        return self.classifier(pooled) + text_logits + similarity
 
 
 class ConcatHead(nn.Module):
-    """Simple fusion: [top-layer h_fus, mean text embedding] -> MLP -> logits.
+    """Simple fusion: [concatenated visual tokens, mean text embedding] -> LayerNorm -> linear.
 
-    visual (B, L, C), text (T, C) -> (B, num_classes).
+    visual (B, L, C), text (T, C) -> (B, num_classes). The mean text is the same vector for
+    every image, so it can only shift the logits: this is the "w/o MHA" ablation.
     """
 
-    def __init__(self, dim: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_layers: int, num_classes: int, dropout: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(2 * dim)
-        self.fc = nn.Linear(2 * dim, dim)
+        self.norm = nn.LayerNorm((num_layers + 1) * dim)
         self.drop = nn.Dropout(dropout)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = nn.Linear((num_layers + 1) * dim, num_classes)
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        top = visual[:, -1]  # (B, C)
-        fused = torch.cat([top, text.mean(0).expand_as(top)], dim=-1)  # (B, 2C)
-        return self.classifier(self.drop(F.gelu(self.fc(self.norm(fused)))))
+        flat = visual.flatten(1)  # (B, L*C)
+        fused = torch.cat([flat, text.mean(0).expand(flat.shape[0], -1)], dim=-1)  # (B, (L+1)C)
+        return self.classifier(self.drop(self.norm(fused)))
 
 
 class VisualHead(nn.Module):
-    """No text: top-layer h_fus -> LayerNorm -> dropout -> linear. (B, L, C) -> (B, classes)."""
+    """No text: the concatenated visual tokens -> LayerNorm -> dropout -> linear (the visual
+    term of CrossModalHead alone). (B, L, C) -> (B, classes)."""
 
-    def __init__(self, dim: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_layers: int, num_classes: int, dropout: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(num_layers * dim)
         self.drop = nn.Dropout(dropout)
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = nn.Linear(num_layers * dim, num_classes)
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classifier(self.drop(self.norm(visual[:, -1])))
+        return self.classifier(self.drop(self.norm(visual.flatten(1))))

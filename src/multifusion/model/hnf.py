@@ -20,7 +20,7 @@ from multifusion.config import Config
 from multifusion.model.fusion import MODES, ConcatHead, CrossModalHead, TextEmbedding, VisualHead
 from multifusion.model.graph import PatchGraphEncoder
 from multifusion.model.moe import MoEGate
-from multifusion.model.ode import BidirectionalODE, build_sequence_encoder
+from multifusion.model.ode import build_sequence_encoder
 from multifusion.model.patch_embed import HierarchicalPatchEmbed, derive_patch_sizes
 
 
@@ -92,25 +92,26 @@ class MultiFusion(nn.Module):
         self.num_classes = num_classes
         self.image_size = cfg.data.image_size
         self.dim = hnf.dim
-        self.patch_sizes = derive_patch_sizes(cfg.data.image_size, hnf.layers, hnf.patch_sizes)
-        self.embed = HierarchicalPatchEmbed(cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem)
+        self.patch_sizes = derive_patch_sizes(cfg.data.image_size, hnf.layers, hnf.patch_sizes, hnf.stem)
+        self.embed = HierarchicalPatchEmbed(cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem, hnf.stem_width)
         self.embed_drop = nn.Dropout(hnf.dropout)
         self.layers = nn.ModuleList(HNFLayer(cfg) for _ in self.patch_sizes)
+        # the global token: the stem's globally pooled deepest map, a direct path from the whole
+        # backbone to the head beside the HNF layers (None for the linear stem or when switched off)
+        use_global = hnf.global_token and self.embed.global_dim is not None
+        self.global_proj = nn.Sequential(nn.Linear(self.embed.global_dim, hnf.dim), nn.LayerNorm(hnf.dim)) if use_global else None
+        num_tokens = len(self.patch_sizes) + int(use_global)
         self.text = TextEmbedding(text_states, text_mask, hnf.dim) if fusion.text else None
         if not fusion.text:
-            self.head = VisualHead(hnf.dim, num_classes, hnf.dropout)
+            self.head = VisualHead(hnf.dim, num_tokens, num_classes, hnf.dropout)
         elif fusion.mode == "mha":
-            self.head = CrossModalHead(hnf.dim, fusion.heads, len(self.patch_sizes), text_classes, num_classes, hnf.dropout)
+            self.head = CrossModalHead(hnf.dim, fusion.heads, num_tokens, text_classes, num_classes, hnf.dropout)
         else:
-            self.head = ConcatHead(hnf.dim, num_classes, hnf.dropout)
-        self.apply(_init_weights)
-        for module in self.modules():  # gates start neutral: mean of directions / experts
-            if isinstance(module, (BidirectionalODE, MoEGate)) and getattr(module, "gate", None) is not None:
-                nn.init.zeros_(module.gate.weight)
-                nn.init.zeros_(module.gate.bias)
+            self.head = ConcatHead(hnf.dim, num_tokens, num_classes, hnf.dropout)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, S, S) -> visual tokens (B, L, C): h_fus of every HNF layer, coarse to fine."""
+        """x (B, 1, S, S) -> visual tokens (B, L (+1), C): h_fus of every HNF layer, coarse to fine,
+        then the global token when hnf.global_token."""
         if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"expected images (B, 1, {self.image_size}, {self.image_size}), got {tuple(x.shape)}; "
@@ -118,10 +119,13 @@ class MultiFusion(nn.Module):
             )
         seed = x.new_zeros(x.shape[0], self.dim)  # (B, C)
         fused = []
-        for tokens, layer in zip(self.embed(x), self.layers):
+        tokens_per_layer, pooled = self.embed(x)  # [(B, N_l, C)], (B, global_dim)
+        for tokens, layer in zip(tokens_per_layer, self.layers):
             seed = layer(self.embed_drop(tokens), seed)  # (B, C)
             fused.append(seed)
-        return torch.stack(fused, dim=1)  # (B, L, C)
+        if self.global_proj is not None:
+            fused.append(self.global_proj(pooled))  # (B, C)
+        return torch.stack(fused, dim=1)  # (B, L (+1), C)
 
     def text_embeddings(self) -> torch.Tensor | None:
         """(T, C) embeddings of all class descriptions, or None without text."""
@@ -136,8 +140,15 @@ class MultiFusion(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The module whose output is the last convolutional feature map (B, C, h, w): Grad-CAM's target."""
-        return self.embed.stem
+        """The module whose output is a convolutional feature map (B, C, h, w): Grad-CAM's target.
+        Pyramid stem: the backbone stage at the finest HNF patch size (its output feeds both that
+        layer's tokens and every deeper level); conv stem: the whole stem."""
+        if self.embed.stem_kind == "pyramid":
+            stem = self.embed.stem
+            return stem.stages[stem.stage_strides.index(stem.finest)]
+        if self.embed.stem_kind == "conv":
+            return self.embed.stem
+        raise AttributeError("hnf.stem linear has no convolutional feature map for Grad-CAM")
 
     def description_attention(self, x: torch.Tensor) -> torch.Tensor | None:
         """x (B, 1, S, S) -> (B, T) visual-to-text attention over the descriptions (rows sum
@@ -146,13 +157,3 @@ class MultiFusion(nn.Module):
             return None
         return self.head.description_attention(self.forward_features(x), self.text_embeddings())
 
-
-def _init_weights(module: nn.Module) -> None:
-    """timm ViT init: trunc-normal(0.02) linear weights, zero biases, unit LayerNorm."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -25,10 +25,14 @@ class MoEGate(nn.Module):
             raise ValueError("MoEGate needs at least one expert (hnf.sequence_encoder or hnf.graph)")
         self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_experts))
         self.gate = nn.Linear(num_experts * dim, num_experts) if num_experts > 1 else None
+        self.norm = nn.LayerNorm(dim)
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Start with equal expert weights."""
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        self.norm = nn.LayerNorm(dim)
 
     def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         outs = torch.stack([expert(x) for expert, x in zip(self.experts, inputs)], dim=1)  # (B, E, C)

@@ -126,9 +126,13 @@ class BidirectionalODE(nn.Module):
         self.forward_field = VectorField(dim, heads, mlp_ratio)
         self.backward_field = VectorField(dim, heads, mlp_ratio)
         self.gate = nn.Linear(2 * dim, dim)
-        nn.init.zeros_(self.gate.weight)  # start as the mean of both directions
-        nn.init.zeros_(self.gate.bias)
         self.norm = nn.LayerNorm(dim)
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Start as the mean of both directions."""
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
 
     def _integrate(self, field: VectorField, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
         cfg = self.cfg

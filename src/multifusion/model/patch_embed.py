@@ -1,6 +1,11 @@
 """Patch tokens at every HNF layer's patch size, with 2-D positional embeddings.
 
 Patch sizes run coarse to fine (the "inverted pyramid"). ``hnf.stem``:
+- ``pyramid`` (default): a ResNet-style convolutional backbone (BatchNorm basic blocks,
+  stages at strides 4, 8, 16, 32, widths ``hnf.stem_width`` x 1, 2, 4, 8) with a
+  feature-pyramid top-down path. The layer of patch size p takes its tokens from the
+  stride-p level, so each HNF layer sees its own receptive field (coarse tokens from deep
+  stages), and the top-down path gives the fine levels the deep stages' semantics.
 - ``conv``: one shared residual convolutional stem (stride-2 ResNet blocks) down to a feature map at
   the finest patch grid, average-pooled to each coarser grid, then a per-layer linear
   projection. The convolutions give the inductive bias needed to learn from ~1k images.
@@ -87,30 +92,98 @@ class ConvStem(nn.Module):
         return self.body(x)
 
 
+class PyramidStem(nn.Module):
+    """ResNet-18-style backbone with a feature-pyramid top-down path.
+
+    x (B, 1, S, S) -> ({stride: (B, dim, S/stride, S/stride)} for the requested strides,
+    the deepest stage's map (B, 8w, S/32, S/32)).
+    Stem: 7x7/2 conv + 3x3/2 max-pool (stride 4), then stages of ``depths`` BasicBlocks at
+    strides 4, 8, 16, 32 with widths w, 2w, 4w, 8w (w = 64: ResNet-18's trunk). The pyramid
+    (Lin et al., FPN): P_32 = lat(C_32); P_s = lat(C_s) + upsample(P_2s) down to the finest
+    requested stride; only the stages needed up to stride 32 are evaluated.
+    """
+
+    def __init__(self, dim: int, width: int, strides: list[int], depths: tuple[int, ...] = (2, 2, 2, 2)) -> None:
+        super().__init__()
+        from multifusion.model.baselines.resnet import BasicBlock
+
+        self.strides = sorted(set(strides), reverse=True)  # coarse to fine, unique
+        self.finest = min(self.strides)
+        self.conv1 = nn.Conv2d(1, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages, c_in = [], width
+        for i, depth in enumerate(depths):
+            c_out, stride = width * 2**i, 1 if i == 0 else 2
+            down = None if stride == 1 and c_in == c_out else nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+            blocks = [BasicBlock(c_in, c_out, stride, down)] + [BasicBlock(c_out, c_out) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.stages = nn.ModuleList(stages)  # strides 4, 8, 16, 32
+        self.stage_strides = [4 * 2**i for i in range(len(depths))]
+        self.lateral = nn.ModuleDict(
+            {str(s): nn.Conv2d(width * 2**i, dim, 1) for i, s in enumerate(self.stage_strides) if s >= self.finest}
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, BasicBlock):
+                m.zero_init_last()  # every residual branch starts as the identity (timm's default)
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # (B, w, S/4, S/4)
+        features = {}
+        for stride, stage in zip(self.stage_strides, self.stages):
+            x = stage(x)  # (B, w * stride/4, S/stride, S/stride)
+            features[stride] = x
+        levels, top = {}, None
+        for stride in sorted(self.lateral, key=int, reverse=True):  # coarse to fine
+            lat = self.lateral[stride](features[int(stride)])  # (B, dim, S/s, S/s)
+            top = lat if top is None else lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            levels[int(stride)] = top
+        return {s: levels[s] for s in self.strides}, x  # x: the deepest stage (B, 8w, S/32, S/32)
+
+
 class HierarchicalPatchEmbed(nn.Module):
     """Image (B, 1, S, S) -> one token sequence per layer: [(B, (S/p_l)^2, C)] with 2-D positions."""
 
-    def __init__(self, image_size: int, patch_sizes: list[int], dim: int, stem: str) -> None:
+    def __init__(self, image_size: int, patch_sizes: list[int], dim: int, stem: str, stem_width: int = 64) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"hnf.stem must be one of {STEMS}, got {stem!r}; fix params.yaml")
         self.stem_kind = stem
+        self.patch_sizes = list(patch_sizes)
         self.grids = [image_size // p for p in patch_sizes]
-        if stem == "conv":
+        self.global_dim = {"pyramid": 8 * stem_width, "conv": dim}.get(stem)  # width of the pooled map, None: linear
+        if stem == "pyramid":
+            self.stem = PyramidStem(dim, stem_width, self.patch_sizes)
+            self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in patch_sizes)
+        elif stem == "conv":
             self.stem = ConvStem(dim, min(patch_sizes))
             self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in patch_sizes)
         else:
             self.proj = nn.ModuleList(nn.Conv2d(1, dim, p, stride=p) for p in patch_sizes)
         self.pos = nn.ModuleList(PositionalEmbedding2d(g, dim) for g in self.grids)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        tokens = []
-        if self.stem_kind == "conv":
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """x (B, 1, S, S) -> ([tokens (B, g_l*g_l, C) per layer], the stem's globally pooled deepest
+        map (B, global_dim), or None for the linear stem)."""
+        tokens, pooled = [], None
+        if self.stem_kind == "pyramid":
+            levels, deepest = self.stem(x)  # {stride: (B, C, S/stride, S/stride)}, (B, 8w, S/32, S/32)
+            pooled = deepest.mean(dim=(2, 3))  # (B, 8w)
+            for p, proj, pos in zip(self.patch_sizes, self.proj, self.pos):
+                tokens.append(pos(proj(levels[p].flatten(2).transpose(1, 2))))  # (B, g*g, C)
+        elif self.stem_kind == "conv":
             fmap = self.stem(x)  # (B, C, g_fine, g_fine)
+            pooled = fmap.mean(dim=(2, 3))  # (B, C)
             for grid, proj, pos in zip(self.grids, self.proj, self.pos):
-                pooled = fmap if fmap.shape[-1] == grid else F.adaptive_avg_pool2d(fmap, grid)  # (B, C, g, g)
-                tokens.append(pos(proj(pooled.flatten(2).transpose(1, 2))))  # (B, g*g, C)
+                grid_map = fmap if fmap.shape[-1] == grid else F.adaptive_avg_pool2d(fmap, grid)  # (B, C, g, g)
+                tokens.append(pos(proj(grid_map.flatten(2).transpose(1, 2))))  # (B, g*g, C)
         else:
             for proj, pos in zip(self.proj, self.pos):
                 tokens.append(pos(proj(x).flatten(2).transpose(1, 2)))  # (B, g*g, C)
-        return tokens
+        return tokens, pooled
