@@ -8,14 +8,13 @@ import base64
 import html
 import io
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from headless import body_attrs, browse
 from PIL import Image
 from test_predict import BAD, GOOD, folder  # noqa: F401 -- the shared folder of good and bad files
 from typer.testing import CliRunner
@@ -71,31 +70,6 @@ def test_report_rows_match_the_csv_and_images_are_inline(screened):
             assert im.format == "PNG" and im.size == (S, S)
     assert not re.search(r"<link|<script[^>]+src=|https?://", page)  # nothing to fetch
     assert "morphology" in page or "distinguish" in page  # attended descriptions named
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("chromium not installed (Debian: apt-get install -y chromium; .ci/run installs it when it can)")
-    return found
-
-
-def browse(page: Path, query: str, tmp_path: Path, *extra: str) -> str:
-    """Run headless Chromium on ``page?query`` with the network off; returns stdout."""
-    offline = ["unshare", "-n"] if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0 else []
-    profile = tmp_path / f"profile{len(list(tmp_path.glob('profile*')))}"
-    profile.mkdir()
-    cmd = [*offline, chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-           "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars", *extra,
-           f"{page.resolve().as_uri()}{query}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def body_attrs(dom: str) -> dict[str, str]:
-    return dict(re.findall(r'data-(\w+)="([^"]*)"', re.search(r"<body([^>]*)>", dom).group(1)))
 
 
 def test_report_in_headless_chromium_offline_loads_sorts_filters(screened, tmp_path):
