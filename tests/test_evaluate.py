@@ -108,7 +108,7 @@ def tiny_text(classes: int = 3, templates: int = 2, length: int = 5, dim: int = 
     )
 
 
-TINY_HNF = {"data.image_size": 16, "hnf.layers": 2, "hnf.dim": 16, "hnf.heads": 2, "fusion.heads": 2, "graph.k": 4,
+TINY_HNF = {"data.image_size": 16, "hnf.stem": "conv", "hnf.layers": 2, "hnf.dim": 16, "hnf.heads": 2, "fusion.heads": 2, "graph.k": 4,
             "hnf.ode.solver": "euler", "hnf.ode.steps": 1}
 
 

@@ -17,9 +17,11 @@ from multifusion.model import build_model
 from multifusion.model.patch_embed import derive_patch_sizes
 from multifusion.text.features import TextFeatures
 
-# 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16: fast.
+# 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16, a
+# pyramid stem 8 channels wide: fast.
 SMALL = {
     "data.image_size": 32,
+    "hnf.stem_width": 8,
     "hnf.layers": 2,
     "hnf.patch_sizes": [16, 8],
     "hnf.dim": 16,
@@ -50,7 +52,15 @@ def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def assert_trains(model: torch.nn.Module, x: torch.Tensor, num_classes: int) -> None:
-    """Finite logits of the right shape, and a non-zero gradient for every parameter."""
+    """Finite logits of the right shape, and a non-zero gradient for every parameter.
+
+    The stem's residual branches start as the identity (last BatchNorm scale 0, so their
+    first convs get no gradient on step one): they are switched on here, as one step would."""
+    from multifusion.model.baselines.resnet import BasicBlock
+
+    for module in model.modules():
+        if isinstance(module, BasicBlock):
+            torch.nn.init.ones_(module.bn2.weight)
     logits = model(x)
     assert logits.shape == (x.shape[0], num_classes)
     assert torch.isfinite(logits).all()
@@ -101,15 +111,21 @@ def test_layers_one_to_four_with_default_params(make_config, layers):
     cfg = make_config({"hnf.layers": layers, "hnf.dropout": 0.0})
     model = build_model(cfg, 10, random_text(num_classes=10))
     assert len(model.layers) == layers
-    assert model.forward_features(images(2, 64)).shape == (2, layers, cfg.hnf.dim)
+    tokens = layers + int(cfg.hnf.global_token)  # h_fus of every layer, then the global token
+    assert model.forward_features(images(2, 64)).shape == (2, tokens, cfg.hnf.dim)
     assert_trains(model, images(2, 64), 10)
 
 
-def test_default_model_is_small(make_config):
+def test_default_model_is_the_size_of_its_resnet18_baseline(make_config):
+    """The comparison is fair in capacity: the default model has ResNet-18's trunk and at most
+    10% more trainable parameters than the ResNet-18 baseline (the HNF layers and the head)."""
+    from multifusion.model.baselines import build_baseline
+
     cfg = make_config()
-    model = build_model(cfg, 10, random_text(num_classes=10, dim=128))
+    model = build_model(cfg, 10, random_text(num_classes=10, dim=384))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable < 1_000_000
+    baseline = sum(p.numel() for p in build_baseline("resnet18", 10, cfg.data.image_size).parameters())
+    assert baseline < trainable < 1.1 * baseline
 
 
 def test_ode_options_dopri5_and_adjoint_run(make_config):
@@ -142,20 +158,23 @@ def test_bad_solver_and_missing_text_are_clear_errors(make_config):
 
 @pytest.mark.parametrize("mode", ["mha", "concat"])
 def test_no_label_leakage(make_config, mode):
-    """The model never sees labels; an image's output does not depend on the rest of its
-    batch (train mode too: no batch statistics), and every image sees identical text."""
+    """The model never sees labels; at test time an image's output does not depend on the
+    rest of its batch (in train mode the stem's BatchNorm uses batch statistics, as the
+    ResNet baselines do, so only permutation equivariance holds), and every image sees
+    identical text."""
     torch.manual_seed(0)
     model = build_model(make_config(dict(SMALL, **{"fusion.mode": mode})), 3, random_text())
     assert list(inspect.signature(model.forward).parameters) == ["x"]
     x = images(6, 32, seed=1)
+    perm = torch.tensor([5, 3, 0, 1, 4, 2])
     for train in (False, True):
         model.train(train)
         with torch.no_grad():
             batch = model(x)
-            alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
-            perm = torch.tensor([5, 3, 0, 1, 4, 2])
             permuted = model(x[perm])
-        torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-4)
+            if not train:
+                alone = torch.cat([model(x[i : i + 1]) for i in range(6)])
+                torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(batch[perm], permuted, atol=1e-5, rtol=1e-4)
 
     seen = []
@@ -208,3 +227,19 @@ def test_text_buffers_travel_in_the_state_dict(make_config, tmp_path):
     x = images(3, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_each_layer_is_seeded_by_the_one_below(make_config):
+    """h_fus(l) seeds layer l+1's CLS token and virtual node: handing layer l+1 zeros instead
+    must change its output (and so the logits), for the sequence and the graph branch alike."""
+    torch.manual_seed(0)
+    for branch in ({"hnf.graph": False}, {"hnf.sequence_encoder": "none"}):
+        model = build_model(make_config(dict(SMALL, **branch)), 3, random_text()).eval()
+        x = images(4, 32, seed=3)
+        with torch.no_grad():
+            seeded = model(x)
+            upper = model.layers[1]
+            original = upper.forward
+            upper.forward = lambda tokens, seed: original(tokens, torch.zeros_like(seed))
+            unseeded = model(x)
+        assert not torch.allclose(seeded, unseeded, atol=1e-4), f"layer 2 ignores its seed ({branch})"

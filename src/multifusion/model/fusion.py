@@ -93,7 +93,7 @@ class CrossModalHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(num_layers * dim, num_classes)
         self.match_norm = nn.LayerNorm(dim)
-        self.match = nn.Linear(dim, 1)  # description state after attending to the image -> match score
+        self.match = nn.Linear(dim, 1, bias=False)  # (a bias would shift every class alike) description state after attending to the image -> match score
         self.image_proj = nn.Linear(num_layers * dim, dim)  # image embedding for the prototype match
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
