@@ -54,17 +54,17 @@ def test_report_has_every_row_and_the_published_columns(metric_files) -> None:
         assert row[1] == f"{runs[name]['top1']:.3f}"
         if name in PAPER_TOPK:  # the paper's figures in the published columns
             paper_name, figures = PAPER_TOPK[name]
-            assert row[5] == paper_name and row[6:10] == [f"{v:.3f}" for v in figures]
+            assert row[7] == paper_name and row[8:12] == [f"{v:.3f}" for v in figures]
         else:
-            assert row[5:] == ["–"] * 5
-    assert topk[0][6:10] == ["0.947", "0.965", "0.986", "0.991"]
+            assert row[7:] == ["–"] * 5
+        assert row[5] == f"{runs[name]['macro_f1']:.3f}"  # macro-F1 beside top-k
 
     ablation = table_rows(md, "| variant |")
     variants = ["multifusion"] + [n for n in cfg.compare.models if n.startswith("mf_")]
     assert [r[0] for r in ablation] == [LABELS[n] for n in variants]
-    for row, name in zip(ablation, variants):
-        if name in PAPER_ABLATION:
-            assert row[6:9] == [f"{v:.3f}" for v in PAPER_ABLATION[name][1]]
+    for row, name in zip(ablation[1:], variants[1:]):  # each component's effect, with its sign
+        assert row[5] == f"{0.4 - runs[name]['top1']:+.3f}" and row[6] == f"{0.7 - runs[name]['macro_f1']:+.3f}"
+        assert row[5].startswith("+")  # fake ablations all score below the full model
     assert ablation[0][2:5] == ["0.600", "0.650", "0.700"]  # ours: macro P/R/F1
 
     assert "falls short of" not in md  # ours 0.400 beats every fake baseline (top1 <= 0.14)
@@ -74,6 +74,7 @@ def test_report_has_every_row_and_the_published_columns(metric_files) -> None:
         assert (root / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     csv = (root / "reports/results.csv").read_text().splitlines()
     assert len(csv) == 1 + 1 + len(cfg.compare.models)
+    assert csv[1].startswith("MultiFusion,ours,0.4000,")  # the full model's row is named MultiFusion
 
 
 def test_report_says_when_ours_falls_short(metric_files) -> None:
@@ -81,6 +82,7 @@ def test_report_says_when_ours_falls_short(metric_files) -> None:
     (root / "metrics" / "compare" / "resnet18.json").write_text(json.dumps(fake_metrics(0.4)))
     md = report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports").read_text()
     assert "falls short of the best baseline's (ResNet-18, 0.500) by 0.100" in md
+    assert "its macro-F1 (0.700) falls short of the best baseline's (ResNet-18, 0.800) by 0.100." in md
 
 
 def test_missing_or_incomplete_metrics_are_clear_errors(metric_files) -> None:
@@ -91,3 +93,22 @@ def test_missing_or_incomplete_metrics_are_clear_errors(metric_files) -> None:
     (root / "bad.json").write_text(json.dumps({"top1": 0.5}))
     with pytest.raises(ValueError, match="missing metric keys"):
         read_metrics(root / "bad.json")
+
+
+def test_readme_tables_come_from_the_report_files(metric_files) -> None:
+    from multifusion.readme_tables import BEGIN, END, update_readme
+
+    cfg, root, runs = metric_files
+    report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports" / "tiny")
+    readme = root / "README.md"
+    readme.write_text(f"# Title\n\n{BEGIN}\nstale hand-typed table\n{END}\n\nmore text\n")
+    assert update_readme(readme, root / "reports")
+    text = readme.read_text()
+    assert "stale" not in text and text.endswith("\n\nmore text\n") and text.startswith("# Title")
+    assert "| **MultiFusion** | 0.400 | 0.550 | 0.700 | – |" in text  # from eval.json via summary.json
+    name = cfg.compare.models[0]
+    assert f"{runs[name]['top1']:.3f}" in text
+    assert not update_readme(readme, root / "reports")  # a second run changes nothing
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        update_readme(readme, root / "reports")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 from multifusion.config import Config
@@ -39,7 +40,7 @@ PAPER_ABLATION: dict[str, tuple[str, tuple[float, float, float]]] = {
     "mf_concat": ("w/o MHA (simple fusion)", (0.827, 0.831, 0.823)),
 }
 LABELS = {
-    FULL: "MultiFusion (ours, full)",
+    FULL: "MultiFusion",
     "resnet18": "ResNet-18",
     "resnet50": "ResNet-50",
     "vit_small": "ViT-S",
@@ -75,24 +76,41 @@ def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
+def _seconds(m: dict[str, float]) -> str:
+    return f"{m['train_seconds']:.0f}" if "train_seconds" in m else "–"
+
+
 def topk_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown: one row per model (ours first, then baselines), ours then the paper's top-k."""
-    head = "| model | top-1 | top-2 | top-3 | top-5 | paper: model | paper top-1 | paper top-2 | paper top-3 | paper top-5 |"
-    lines = [head, "|" + "---|" * 10]
+    """Markdown: one row per model (ours first, then baselines): top-k, macro-F1, training
+    seconds, then the paper's top-k."""
+    head = ("| model | top-1 | top-2 | top-3 | top-5 | macro F1 | train s | paper: model | paper top-1 | paper top-2 "
+            "| paper top-3 | paper top-5 |")
+    lines = [head, "|" + "---|" * 12]
     for name, m in rows.items():
         paper_name, paper = PAPER_TOPK.get(name, ("–", (None,) * 4))
-        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), paper_name, *(_f(v) for v in paper)]
+        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), paper_name,
+                 *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _signed(v: float) -> str:
+    return f"{v:+.3f}"
+
+
 def ablation_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown: full model and each ablation, macro P/R/F1 (+ top-1), the paper's avg P/R/F1."""
-    head = "| variant | top-1 | macro P | macro R | macro F1 | paper: variant | paper P | paper R | paper F1 |"
-    lines = [head, "|" + "---|" * 9]
+    """Markdown: full model and each ablation, macro P/R/F1 (+ top-1), the component's
+    effect with its sign (full minus ablation: positive = the component helps), the paper's
+    avg P/R/F1."""
+    head = ("| variant | top-1 | macro P | macro R | macro F1 | component's effect on top-1 | on macro F1 "
+            "| paper: variant | paper P | paper R | paper F1 |")
+    lines = [head, "|" + "---|" * 11]
+    full = rows[FULL]
     for name, m in rows.items():
         paper_name, paper = PAPER_ABLATION.get(name, ("–", (None,) * 3))
-        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), paper_name, *(_f(v) for v in paper)]
+        effect = ["–", "–"] if name == FULL else [_signed(full["top1"] - m["top1"]), _signed(full["macro_f1"] - m["macro_f1"])]
+        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, paper_name,
+                 *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -104,13 +122,36 @@ def verdict(ours: dict[str, float], baselines: dict[str, dict[str, float]]) -> s
     best = max(baselines, key=lambda n: baselines[n]["top1"])
     gap = ours["top1"] - baselines[best]["top1"]
     word = "beats" if gap > 0 else ("ties" if gap == 0 else "falls short of")
+    best_f1 = max(baselines, key=lambda n: baselines[n]["macro_f1"])
+    gap_f1 = ours["macro_f1"] - baselines[best_f1]["macro_f1"]
+    word_f1 = "beats" if gap_f1 > 0 else ("ties" if gap_f1 == 0 else "falls short of")
     return (
         f"MultiFusion's top-1 ({ours['top1']:.3f}) {word} the best baseline's "
-        f"({LABELS.get(best, best)}, {baselines[best]['top1']:.3f})" + (f" by {abs(gap):.3f}." if gap else ".")
+        f"({LABELS.get(best, best)}, {baselines[best]['top1']:.3f})" + (f" by {abs(gap):.3f}" if gap else "")
+        + f"; its macro-F1 ({ours['macro_f1']:.3f}) {word_f1} the best baseline's "
+        f"({LABELS.get(best_f1, best_f1)}, {baselines[best_f1]['macro_f1']:.3f})"
+        + (f" by {abs(gap_f1):.3f}." if gap_f1 else ".")
     )
 
 
-def render_results(ours: dict[str, float], runs: dict[str, dict[str, float]], dataset: str, date: str) -> str:
+def machine() -> str:
+    """The machine the figures were measured on, in words (CPU model, cores, torch, device)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, {device}, torch {torch.__version__}"
+
+
+def render_results(
+    ours: dict[str, float], runs: dict[str, dict[str, float]], dataset: str, date: str, where: str = ""
+) -> str:
     """The whole reports/results.md text. ``runs``: name -> metrics for baselines and ablations."""
     baselines = {n: m for n, m in runs.items() if not is_ablation(n)}
     ablations = {n: m for n, m in runs.items() if is_ablation(n)}
@@ -120,9 +161,10 @@ def render_results(ours: dict[str, float], runs: dict[str, dict[str, float]], da
             "# MultiFusion: results",
             "",
             f"- Dataset: `{dataset}`" + (f" (test split: {int(n_test)} images)" if n_test else ""),
-            f"- Date: {date}",
+            f"- Date: {date}" + (f"; machine: {where}" if where else ""),
             "- Every model is trained from scratch on the same prepared splits, epoch budget and augmentation",
-            "  as `train`, and scored on the test split (temperature-calibrated probabilities).",
+            "  as `train`, and scored on the test split under the same test-time policy (`evaluate.tta`),",
+            "  with temperature-calibrated probabilities. `train s`: wall-clock seconds of training.",
             f"- Published columns: the paper (arXiv 2408.13661) on {PAPER_DATASET}; a different data set,",
             "  shown for reference, not measured here. T2T-ViT is the paper's nearest row to ViT-S.",
             "",
@@ -176,8 +218,8 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     date = date or dt.date.today().isoformat()
     rows = {FULL: ours, **runs}
-    (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date))
-    summary = {name: {k: float(m[k]) for k in TOPK + PRF + ("ece",) if k in m} for name, m in rows.items()}
+    (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date, machine()))
+    summary = {name: {k: float(m[k]) for k in TOPK + PRF + ("ece", "train_seconds") if k in m} for name, m in rows.items()}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     csv = ["model,kind," + ",".join(TOPK + PRF)]
     for name, m in rows.items():
