@@ -1,9 +1,17 @@
-"""Training throughput: HNF (the params.yaml model) beside ViT-S and ResNet-18 at the same
-image size and batch, in the same run.
+"""Training throughput and time-to-accuracy: HNF (the params.yaml model) beside the
+baselines at the same image size, batch and recipe, in the same run.
 
     python bench/train.py                      # CPU here: fp32, batch train.batch_size
     python bench/train.py --device cuda        # bf16 autocast, FLOPs and MFU
     python bench/train.py --models hnf,vit_small,resnet18,resnet50,swin_tiny,vig --batch 128
+    python bench/train.py --models hnf,resnet18 --to-accuracy 0.8 \
+        --prepared data/prepared --text data/text_features      # seconds until test top-1 >= 0.8
+
+Time-to-accuracy trains each model with the default recipe (multifusion.train: AdamW,
+warmup + cosine over train.epochs, augmentation, class-weighted loss) on the prepared
+train split, scores the test split after every epoch under the test-time policy
+(evaluate.tta) and reports the training seconds (scoring excluded) until top-1 first
+reaches the target.
 
 One training step = forward, cross-entropy, backward, AdamW step on a random batch
 (B, 1, S, S) (augmentation and data loading excluded: this measures the models). HNF gets
@@ -30,11 +38,12 @@ from multifusion.model.baselines import build_baseline
 from multifusion.text.features import TextFeatures
 
 NUM_CLASSES = 10
+TEXT_DIM = 384  # the token-state width of the default text LM (all-MiniLM-L6-v2)
 
 
 def random_text(cfg: Config, num_classes: int) -> TextFeatures:
     """Text features of the shape the pipeline's embed_text stage writes (values random)."""
-    T, L, D = num_classes * len(cfg.llm.templates) * cfg.llm.samples, cfg.text.max_length, cfg.text.hidden
+    T, L, D = num_classes * len(cfg.llm.templates) * cfg.llm.samples, cfg.text.max_length, TEXT_DIM
     lengths = torch.randint(L // 4, L + 1, (T,))
     mask = torch.arange(L)[None, :] < lengths[:, None]  # (T, L)
     return TextFeatures(
@@ -102,6 +111,47 @@ def bf16_matmul_peak(device: torch.device, n: int = 8192, reps: int = 20) -> flo
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+def time_to_accuracy(name: str, cfg: Config, prepared_dir: str, text_dir: str | None, target: float) -> tuple[float | None, float, float]:
+    """Train ``name`` with the default recipe; (seconds until test top-1 >= target or None,
+    final test top-1, training seconds in all)."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from multifusion.data.dataset import SplitDataset, collate_batch, load_prepared
+    from multifusion.evaluate import predict_logits
+    from multifusion.train import Runtime, adamw, class_weights, epoch_order, rank_batches, train_one_epoch, warmup_cosine
+
+    prepared = load_prepared(prepared_dir)
+    k, train = len(prepared.classes), cfg.train
+    torch.manual_seed(cfg.seed)
+    if name == "hnf":
+        text = TextFeatures.load(text_dir) if cfg.fusion.text else None
+        model = build_model(cfg, k, text)
+    else:
+        model = build_baseline(name, k, cfg.data.image_size)
+    device = torch.device("cpu")
+    train_set, test = SplitDataset(prepared, "train"), prepared.split_indices("test")
+    steps = len(rank_batches(np.arange(len(train_set)), train.batch_size, 0, 1))
+    opt = adamw(model, train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(train.warmup_epochs * steps, train.epochs * steps))
+    weights = torch.tensor(class_weights(train_set.targets, k), dtype=torch.float32) if train.balance == "loss" else None
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=train.label_smoothing)
+    runtime, seconds, reached, top1 = Runtime(0, 1, device, False), 0.0, None, 0.0
+    for epoch in range(train.epochs):
+        batches = rank_batches(epoch_order(train_set.targets, k, train.balance, cfg.seed, epoch), train.batch_size, 0, 1)
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_batch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009)
+        start = time.perf_counter()
+        train_one_epoch(model, loader, opt, sched, criterion, train, gen, runtime)
+        seconds += time.perf_counter() - start
+        logits = predict_logits(model, prepared.images[test], cfg.evaluate.batch_size, device, cfg.evaluate.tta)
+        top1 = float((logits.argmax(1) == prepared.labels(test)).mean())
+        print(f"  {name} epoch {epoch + 1}: {seconds:.0f} s, test top-1 {top1:.3f}", flush=True)
+        if reached is None and top1 >= target:
+            reached = seconds
+    return reached, top1, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
@@ -111,6 +161,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default: data.image_size")
     parser.add_argument("--warmup", type=int, default=None, help="default: 1 on CPU, 10 on CUDA")
     parser.add_argument("--steps", type=int, default=None, help="default: 3 on CPU, 30 on CUDA")
+    parser.add_argument("--to-accuracy", type=float, default=None, help="also train each model; seconds to this test top-1")
+    parser.add_argument("--prepared", default="data/prepared", help="prepared data for --to-accuracy")
+    parser.add_argument("--text", default="data/text_features", help="text features for --to-accuracy")
     args = parser.parse_args()
 
     overrides = {"data.image_size": args.image_size} if args.image_size else {}
@@ -152,6 +205,18 @@ def main() -> None:
             achieved = flops * ips
             line += f" {achieved / 1e12:>8.2f} {achieved / peak:>6.1%}"
         print(line)
+
+    if args.to_accuracy is not None:
+        results = [(name, *time_to_accuracy(name, cfg, args.prepared, args.text, args.to_accuracy)) for name, *_ in rows]
+        base = results[0][1]
+        head = f"{'model':<12} {'s to ' + format(args.to_accuracy, '.2f') + ' top-1':>16} {'ratio to ' + results[0][0]:>14} {'final top-1':>12} {'train s':>8}"
+        print(f"\ntime to accuracy: {args.prepared}, {cfg.train.epochs} epochs, test-time policy tta={cfg.evaluate.tta}")
+        print(head)
+        print("-" * len(head))
+        for name, reached, top1, seconds in results:
+            ratio = f"{reached / base:.2f}" if reached is not None and base is not None else "–"
+            shown = f"{reached:.0f}" if reached is not None else "not reached"
+            print(f"{name:<12} {shown:>16} {ratio:>14} {top1:>12.3f} {seconds:>8.0f}")
 
 
 if __name__ == "__main__":
