@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from multifusion.compare import run_comparison
+from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 
 
@@ -43,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("compare", main)

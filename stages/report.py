@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from multifusion.config import load_config
+from multifusion.cli_errors import run_stage
 from multifusion.report import report_from_files
 
 
@@ -32,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage("report", main)
