@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from multifusion.compare import run_comparison
 from multifusion.cli_errors import run_stage
+from multifusion.compare import run_comparison
 from multifusion.config import load_config
 
 

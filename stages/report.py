@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.config import load_config
 from multifusion.cli_errors import run_stage
+from multifusion.config import load_config
 from multifusion.report import report_from_files
 
 
