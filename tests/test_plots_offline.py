@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from headless import browse
 
 TEMPLATE = Path("plots/offline/template.html")
