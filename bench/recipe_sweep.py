@@ -17,6 +17,8 @@ import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.multiprocessing as mp
 
+from multifusion.evaluate import dihedral_views
+
 ARGS = {}
 
 
@@ -25,21 +27,13 @@ def per_image(x):
     return (x - m) / s
 
 
-def dihedral(x):
-    outs = []
-    for k in range(4):
-        r = torch.rot90(x, k, dims=(-2, -1))
-        outs += [r, r.flip(-1)]
-    return outs
-
-
 @torch.no_grad()
 def logits_of(model, imgs_u8, norm, tta, dev):
     model.eval()
     out = []
     for i in range(0, len(imgs_u8), 256):
         x = torch.from_numpy(np.asarray(imgs_u8[i:i + 256])).float().div(255).unsqueeze(1).to(dev)
-        views = dihedral(x) if tta else [x]
+        views = dihedral_views(x) if tta else [x]
         acc = 0
         for v in views:
             v = per_image(v) if norm == "image" else (v - 0.5) / 0.25

@@ -184,3 +184,21 @@ def test_evaluate_stage_writes_metrics_and_plots(make_config, make_prepared, rep
     assert set(json.loads(per_class.read_text())) == {"class_0", "class_1", "class_2"}
     assert len((plots / "confusion.csv").read_text().strip().splitlines()) == 13
     assert (plots / "confusion.png").is_file()
+
+
+def test_test_time_policy_averages_the_eight_dihedral_views():
+    """evaluate.tta: the logits are the mean over the 8 flips/rotations, checked against
+    numpy's rot90/fliplr applied to the raw images (an orientation-sensitive linear model)."""
+    from multifusion.data.dataset import to_model_input
+    from multifusion.evaluate import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8, 3))
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    views += [np.flip(v, axis=2) for v in views]  # the 8 elements of the dihedral group
+    with torch.no_grad():
+        expected = np.mean([model(to_model_input(np.ascontiguousarray(v))).numpy() for v in views], axis=0)
+    single = predict_logits(model, images, 2, "cpu", tta=False)
+    np.testing.assert_allclose(predict_logits(model, images, 2, "cpu", tta=True), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(single, expected, atol=1e-3)  # the policy changes the answer
