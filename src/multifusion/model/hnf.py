@@ -7,8 +7,9 @@ Per HNF layer l = 1..L (patch sizes coarse to fine):
   graph:    kNN(tokens_l) + virtual node VN_l -> Chebyshev convs -> e_VN(l)           (B, C)
   MoE gate: h_fus(l) = MoE(h_CLS(l), e_VN(l))                                         (B, C)
   CLS_{l+1} = cls_{l+1} + h_fus(l);  VN_{l+1} = vn_{l+1} + h_fus(l)
-forward_features: x (B, 1, S, S) -> [h_fus(1) .. h_fus(L)] (B, L, C)
-forward_head:     (B, L, C) -> logits (B, num_classes), through the text fusion head.
+global token (hnf.global_token): the backbone's deepest map, pooled and projected       (B, C)
+forward_features: x (B, 1, S, S) -> [h_fus(1) .. h_fus(L), global] (B, L (+1), C)
+forward_head:     (B, L (+1), C) -> logits (B, num_classes), through the text fusion head.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multifusion.config import STEMS  # the allowed hnf.stem values live with the params
+from multifusion.model.baselines.resnet import BasicBlock
 from multifusion.patch_grid import PYRAMID_STRIDES, derive_patch_sizes  # noqa: F401 -- torch-free: params.yaml is checked with it
 
 
@@ -105,8 +106,6 @@ class PyramidStem(nn.Module):
 
     def __init__(self, dim: int, width: int, strides: list[int], depths: tuple[int, ...] = (2, 2, 2, 2)) -> None:
         super().__init__()
-        from multifusion.model.baselines.resnet import BasicBlock
-
         self.strides = sorted(set(strides), reverse=True)  # coarse to fine, unique
         self.finest = min(self.strides)
         self.conv1 = nn.Conv2d(1, width, 7, stride=2, padding=3, bias=False)
