@@ -29,7 +29,7 @@ from PIL import Image
 from multifusion.checkpoint import load_model, save_model
 from multifusion.config import load_config
 from multifusion.data.dataset import to_model_input
-from multifusion.data.ingest import load_micrograph
+from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline

@@ -22,7 +22,9 @@ import numpy as np
 from PIL import Image
 
 from multifusion.config import load_config
-from multifusion.data.ingest import Record, load_micrograph, map_files, prepare_file
+from multifusion.data.ingest import Record, prepare_file
+from multifusion.data.parallel import parallel_map
+from multifusion.data.preprocess import load_micrograph
 from multifusion.data.synthesize import CLASSES, render_image
 
 
@@ -56,9 +58,9 @@ def floor_loop(paths: list[str], size: int) -> float:
 
 def pool_run(work, paths: list[str], workers: int) -> float:
     """``work`` over all paths on ``workers`` processes the way ``prepare`` maps files
-    (``map_files``: same chunks, one BLAS thread each). Returns seconds."""
+    (``parallel_map``: same chunks, one BLAS thread each). Returns seconds."""
     start = time.perf_counter()
-    results = list(map_files(work, paths, workers, progress=False))
+    results = list(parallel_map(work, paths, workers, progress=False))
     seconds = time.perf_counter() - start
     records = [r for r in results if isinstance(r, Record)]
     assert all(not r.error and r.bar_rows > 0 for r in records), "a benchmark file failed or lost its bar"

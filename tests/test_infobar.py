@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from multifusion.data.infobar import find_info_bar
-from multifusion.data.ingest import load_micrograph
+from multifusion.data.preprocess import load_micrograph
 from multifusion.data.synthesize import CLASSES, burn_info_bar, render_image
 
 NCM = sorted((Path(__file__).parent / "fixtures" / "ncm").glob("*.jpg"))

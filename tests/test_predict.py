@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from multifusion.checkpoint import save_model
 from multifusion.cli import app
-from multifusion.data.ingest import load_micrograph
+from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.predict import expand_inputs, predict_paths

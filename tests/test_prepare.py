@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from multifusion.data.ingest import ImageError, decode_grey, load_micrograph
+from multifusion.data.decode import ImageError, decode_grey
+from multifusion.data.hashes import perceptual_hash
 from multifusion.data.prepare import PrepareError, prepare_dataset
-from multifusion.data.split import assign_splits, near_duplicate_pairs, pattern_pairs, perceptual_hash, union_groups
+from multifusion.data.preprocess import load_micrograph
+from multifusion.data.split import assign_splits, connected_groups, near_duplicate_pairs, pattern_pairs
 
 NCM = Path(__file__).parent / "fixtures" / "ncm"
 RNG = np.random.default_rng(0)
@@ -183,7 +185,7 @@ def test_grey_pixels_shared_or_copied_and_outlives_the_image(tmp_path):
     blocks (over 16 MB); either way equal to np.asarray and valid after the image is gone."""
     import gc
 
-    from multifusion.data.ingest import grey_pixels
+    from multifusion.data.decode import grey_pixels
 
     small = texture(3, 120, 160)
     path = save(tmp_path / "small.tif", small)
@@ -235,8 +237,40 @@ def test_near_duplicate_pairs_match_bruteforce():
     fast = set(near_duplicate_pairs(hashes, 12, chunk=64))
     slow = {(i, j) for i, j in combinations(range(300), 2) if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 12}
     assert fast == slow and (3, 10) in fast
-    assert union_groups(5, [(0, 3), (3, 4)]).tolist() == [0, 1, 2, 0, 0]
+    assert connected_groups(5, [(0, 3), (3, 4)]).tolist() == [0, 1, 2, 0, 0]
     assert pattern_pairs(["s1_a", "s2_a", "s1_b", "x"], r"^(s\d)_") == [(0, 2)]
+
+
+def _bfs_groups(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """Reference: components by breadth-first search, numbered in order of first item."""
+    neighbours: list[list[int]] = [[] for _ in range(n)]
+    for i, j in pairs:
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    group, label = [-1] * n, 0
+    for start in range(n):
+        if group[start] >= 0:
+            continue
+        group[start], queue = label, [start]
+        while queue:
+            for k in neighbours[queue.pop(0)]:
+                if group[k] < 0:
+                    group[k] = label
+                    queue.append(k)
+        label += 1
+    return group
+
+
+def test_connected_groups_match_breadth_first_search():
+    """Random edge lists (self-loops, repeats, either order, isolated items): the same
+    group ids as a plain BFS, numbered by first item -- the ids the split's RNG sees."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n = int(rng.integers(1, 120))
+        pairs = [(int(a), int(b)) for a, b in rng.integers(0, n, (int(rng.integers(0, 2 * n)), 2))]
+        groups = connected_groups(n, pairs)
+        assert groups.dtype == np.int64 and groups.tolist() == _bfs_groups(n, pairs)
+    assert connected_groups(0, []).tolist() == [] and connected_groups(3, []).tolist() == [0, 1, 2]
 
 
 def test_perceptual_hash_robust():
@@ -268,21 +302,21 @@ def _blas_threads(_: str) -> tuple[list[int], int]:
     return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"], tasks
 
 
-def test_map_files_runs_in_order_with_one_blas_thread_per_worker():
+def test_parallel_map_runs_in_order_with_one_blas_thread_per_worker():
     """Workers inherit the one-thread BLAS limit set before they fork: no BLAS thread of
     their own (a limit set in a pool initializer leaves one per worker, spinning at ~50%
     of a core while idle: measured). Results come back in input order; the parent's limit
     is restored afterwards."""
     from threadpoolctl import threadpool_info
 
-    from multifusion.data.ingest import map_files
+    from multifusion.data.parallel import parallel_map
 
     np.ones((300, 300)) @ np.ones((300, 300))  # the parent's BLAS threads are running
     before = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
     paths = [f"p{i}" for i in range(40)]
     for workers in (1, 2):
-        for limits, tasks in map_files(_blas_threads, paths, workers, progress=False):
+        for limits, tasks in parallel_map(_blas_threads, paths, workers, progress=False):
             assert limits == [1] * len(before)
             assert workers == 1 or tasks == 1
-        assert list(map_files(str.upper, paths, workers, progress=False)) == [p.upper() for p in paths]
+        assert list(parallel_map(str.upper, paths, workers, progress=False)) == [p.upper() for p in paths]
     assert [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"] == before

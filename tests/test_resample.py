@@ -6,7 +6,7 @@ import scipy.fft
 from PIL import Image
 
 from multifusion.data.resample import filter_matrix, resize
-from multifusion.data.split import perceptual_hash
+from multifusion.data.hashes import perceptual_hash
 
 
 def smooth_image(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

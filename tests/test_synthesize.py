@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multifusion.data.ingest import preprocess
-from multifusion.data.split import perceptual_hash
+from multifusion.data.hashes import perceptual_hash
+from multifusion.data.preprocess import preprocess
 from multifusion.data.synthesize import (CLASSES, NFFA_COUNTS, class_counts, file_name, generate_dataset,
                                          render_image, scene_index)
 

@@ -4,7 +4,7 @@
                            top_k=3, uncertain_threshold=0.5, batch_size=64)
 
 Inputs are files, folders (walked recursively; hidden files skipped) and glob patterns.
-Every image goes through ``multifusion.data.ingest.load_micrograph`` with the data
+Every image goes through ``multifusion.data.preprocess.load_micrograph`` with the data
 section stored in the model's config.json: the very preprocessing of training (grey,
 info-bar crop, square, resize). Decoding runs in a thread pool one batch ahead of
 inference. Probabilities are calibrated by the temperature saved with the model.
@@ -36,7 +36,8 @@ from tqdm import tqdm
 from multifusion.checkpoint import CONFIG, load_model, model_config, read_record
 from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
-from multifusion.data.ingest import ImageError, load_micrograph
+from multifusion.data.decode import ImageError
+from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.screening_report import ScreeningReport
 from multifusion.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs

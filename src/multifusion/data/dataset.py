@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from multifusion.config import AugmentConfig
+from multifusion.data.split import SPLITS
 
 IMAGES = "images.npy"
 MANIFEST = "manifest.parquet"
 CLASSES = "classes.json"
-SPLITS = ("train", "val", "test")
 
 # Grey micrographs: map [0, 1] to roughly zero mean, unit spread.
 PIXEL_MEAN = 0.5

@@ -29,8 +29,9 @@ import pandas as pd
 from multifusion.cli_errors import UserError
 from multifusion.config import DataConfig
 from multifusion.data.ingest import Record, prepare_files
-from multifusion.data.layout import LayoutError, scan_folder
-from multifusion.data.split import MIN_GROUPS, SPLITS, assign_splits, near_duplicate_pairs, pattern_pairs, union_groups
+from multifusion.data.layout import LayoutError, Scan, scan_folder
+from multifusion.data.split import (MIN_GROUPS, SPLITS, assign_splits, connected_groups, near_duplicate_pairs,
+                                    pattern_pairs)
 
 log = logging.getLogger("multifusion.prepare")
 
@@ -84,23 +85,29 @@ def thin_classes(manifest: pd.DataFrame, ratios: dict[str, float]) -> tuple[list
     return single, few
 
 
-def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, seed: int,
-                    progress: bool = True) -> dict[str, Any]:
-    """Scan, decode, de-duplicate, group and split ``root``; write ``out_dir``; return the report.
-    Every byte written depends on the inputs only (no timings: see multifusion.timings)."""
-    root, out_dir = Path(root), Path(out_dir)
+Kept = list[tuple[Record, str, str | None]]  # (record, class name, given split) of each kept file
+
+
+def _scan(root: Path) -> Scan:
+    """The labelled files under ``root``, each passed-over path logged."""
     try:
         scan = scan_folder(root)
     except (FileNotFoundError, LayoutError) as err:
         raise PrepareError(str(err)) from None
-    skipped = list(scan.skipped)
-    for item in skipped:
+    for item in scan.skipped:
         log.warning("skip %s: %s", item["path"], item["reason"])
     if not scan.files:
         raise PrepareError(f"{root}: no image files found in <root>/<Class>/ or <root>/{{train,val,test}}/<Class>/; "
                            "point data.root at a folder of class sub-folders")
-    paths = [p for p, _, _ in scan.files]
-    records = list(prepare_files(paths, data, progress=progress))
+    return scan
+
+
+def _ingest(scan: Scan, data: DataConfig, progress: bool) -> tuple[Kept, list[dict[str, str]], list[dict[str, str]],
+                                                                   list[dict[str, list[str]]]]:
+    """Ingest every scanned file: the usable unique ones, the skipped (scan's and bad
+    files), the exact duplicates dropped and the label conflicts."""
+    skipped = list(scan.skipped)
+    records = list(prepare_files([p for p, _, _ in scan.files], data, progress=progress))
     good = []
     for (path, class_name, split), record in zip(scan.files, records):
         if record.error:
@@ -109,28 +116,34 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         else:
             good.append((record, class_name, split))
     kept_idx, duplicates, conflicts = _keep_unique([r for r, _, _ in good], [c for _, c, _ in good])
-    good = [good[i] for i in kept_idx]
+    return [good[i] for i in kept_idx], skipped, duplicates, conflicts
 
+
+def _classes(root: Path, scan: Scan, good: Kept, n_skipped: int) -> tuple[list[str], list[str]]:
+    """The ordered classes with usable images, and those found but dropped."""
     found_classes = sorted({c for _, c, _ in scan.files})
     classes = sorted({c for _, c, _ in good})
-    for lost in sorted(set(found_classes) - set(classes)):
+    dropped = sorted(set(found_classes) - set(classes))
+    for lost in dropped:
         log.warning("class %s dropped: none of its files could be used (see report.json 'skipped' and 'label_conflicts')", lost)
     if not good:
-        raise PrepareError(f"{root}: no usable images ({len(skipped)} skipped, see the messages above)")
+        raise PrepareError(f"{root}: no usable images ({n_skipped} skipped, see the messages above)")
     if len(classes) < 2:
         raise PrepareError(f"{root}: only {len(classes)} class with usable images ({', '.join(classes)}); "
                            "a classifier needs at least 2 class folders")
+    return classes, dropped
 
+
+def _manifest(root: Path, good: Kept, classes: list[str], data: DataConfig, seed: int) -> pd.DataFrame:
+    """Group near-copies, split, and tabulate the kept files (manifest order = scan order)."""
     labels = np.array([classes.index(c) for _, c, _ in good], dtype=np.int64)  # (N,)
     hashes = np.array([r.phash for r, _, _ in good], dtype=np.uint64)  # (N,)
     names = [Path(r.path).name for r, _, _ in good]
     pairs = near_duplicate_pairs(hashes, data.near_duplicate_bits) + pattern_pairs(names, data.group_pattern)
-    groups = union_groups(len(good), pairs)
+    groups = connected_groups(len(good), pairs)  # (N,)
     given = [s for _, _, s in good]
-    ratios = {"train": data.split.train, "val": data.split.val, "test": data.split.test}
-    splits = assign_splits(labels, groups, ratios, seed, given if any(given) else None)
-
-    manifest = pd.DataFrame({
+    splits = assign_splits(labels, groups, _ratios(data), seed, given if any(given) else None)
+    return pd.DataFrame({
         "id": [Path(r.path).relative_to(root).as_posix() for r, _, _ in good],
         "path": [r.path for r, _, _ in good],
         "sha256": [r.sha256 for r, _, _ in good],
@@ -144,14 +157,49 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "bar_rows": [r.bar_rows for r, _, _ in good],
         "phash": [f"{r.phash:016x}" for r, _, _ in good],
     })
+
+
+def _ratios(data: DataConfig) -> dict[str, float]:
+    return {"train": data.split.train, "val": data.split.val, "test": data.split.test}
+
+
+def _counts(manifest: pd.DataFrame) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Images per class, and per split per class."""
+    classes = {c: int(n) for c, n in sorted(Counter(manifest["class_name"]).items())}
+    splits = {s: {c: int(n) for c, n in sorted(Counter(manifest.loc[manifest["split"] == s, "class_name"]).items())}
+              for s in SPLITS}
+    return classes, splits
+
+
+def _grouping_figures(manifest: pd.DataFrame) -> dict[str, int]:
+    """The near-duplicate grouping figures of the report."""
+    group_splits = manifest.groupby("group")["split"].nunique()
+    group_sizes = manifest["group"].value_counts()
+    return {
+        "groups": int(manifest["group"].nunique()),
+        "near_duplicate_groups": int((group_sizes > 1).sum()),
+        "largest_group": int(group_sizes.max()),
+        "groups_across_splits": int((group_splits > 1).sum()),
+        "infobar_cropped": int((manifest["bar_rows"] > 0).sum()),
+    }
+
+
+def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, seed: int,
+                    progress: bool = True) -> dict[str, Any]:
+    """Scan, decode, de-duplicate, group and split ``root``; write ``out_dir``; return the report.
+    Every byte written depends on the inputs only (no timings: see multifusion.timings)."""
+    root, out_dir = Path(root), Path(out_dir)
+    scan = _scan(root)
+    good, skipped, duplicates, conflicts = _ingest(scan, data, progress)
+    classes, dropped = _classes(root, scan, good, len(skipped))
+    manifest = _manifest(root, good, classes, data, seed)
     images = np.stack([r.image for r, _, _ in good])  # (N, S, S) uint8
 
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "images.npy", images)
     manifest.to_parquet(out_dir / "manifest.parquet", index=False)
     (out_dir / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-    group_splits = manifest.groupby("group")["split"].nunique()
-    group_sizes = manifest["group"].value_counts()
+    class_counts, split_counts = _counts(manifest)
     report = {
         "root": str(root),
         "scanned": len(scan.files) + sum(1 for s in scan.skipped if Path(s["path"]).is_file()),
@@ -159,19 +207,14 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "skipped": skipped,
         "duplicates": duplicates,
         "label_conflicts": conflicts,
-        "classes": {c: int(n) for c, n in sorted(Counter(manifest["class_name"]).items())},
-        "dropped_classes": sorted(set(found_classes) - set(classes)),
-        "splits": {s: {c: int(n) for c, n in sorted(Counter(manifest.loc[manifest["split"] == s, "class_name"]).items())}
-                   for s in SPLITS},
-        "given_splits": bool(any(given)),
-        "groups": int(manifest["group"].nunique()),
-        "near_duplicate_groups": int((group_sizes > 1).sum()),
-        "largest_group": int(group_sizes.max()),
-        "groups_across_splits": int((group_splits > 1).sum()),
-        "infobar_cropped": int((manifest["bar_rows"] > 0).sum()),
+        "classes": class_counts,
+        "dropped_classes": dropped,
+        "splits": split_counts,
+        "given_splits": bool(any(s for _, _, s in good)),
+        **_grouping_figures(manifest),
         "image_size": data.image_size,
     }
-    report["single_image_classes"], report["few_groups"] = thin_classes(manifest, ratios)
+    report["single_image_classes"], report["few_groups"] = thin_classes(manifest, _ratios(data))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log.info("prepared %d of %d files, %d classes -> %s", report["kept"], report["scanned"], len(classes), out_dir)
     return report

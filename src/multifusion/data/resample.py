@@ -12,7 +12,7 @@ up to rounding (Pillow rounds to uint8 between its horizontal and vertical pass;
 product stays in float until the end). On the box-reduced squares ``prepare`` resizes
 (~3x the output side) the two banded BLAS products take a fifth of the time of
 Pillow's fixed-point loops (233 -> 64: 60 us against 287 us, one thread, measured), and
-the matrices compose with others: ``split.perceptual_hash`` folds its 32x32 box average
+the matrices compose with others: ``hashes.perceptual_hash`` folds its 32x32 box average
 into its DCT.
 """
 

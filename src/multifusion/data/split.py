@@ -5,49 +5,21 @@ Two micrographs belong to one group when their perceptual hashes differ in at mo
 group of ``data.group_pattern`` (e.g. ``r"^(.*)_crop\\d+"`` ties crops of one shot);
 groups are closed transitively. A whole group always lands in one split, so no near-copy
 of a test image is in train. Groups are assigned per class (stratified), largest first,
-each to the split furthest below its target share; seed-deterministic.
+each to the split furthest below its target share; seed-deterministic. ``SPLITS`` names
+the splits for the whole package.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from functools import lru_cache
 
 import numpy as np
-
-from multifusion.data.resample import filter_matrix
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 SPLITS = ("train", "val", "test")
 MIN_GROUPS = 3  # independent groups of a class a split needs before its scores (or a temperature fitted on it) mean much
-
-
-def _dct_rows(n: int, k: int) -> np.ndarray:
-    """The first ``k`` rows of the orthonormal DCT-II matrix of size ``n``: (k, n)."""
-    freq, pos = np.arange(k)[:, None], np.arange(n)[None, :]
-    rows = np.cos(np.pi * (2 * pos + 1) * freq / (2 * n)) * np.sqrt(2.0 / n)
-    rows[0] /= np.sqrt(2.0)
-    return rows
-
-
-DCT_8x32 = _dct_rows(32, 8)  # (8, 32)
-
-
-@lru_cache(maxsize=16)
-def _hash_projection(in_size: int) -> np.ndarray:
-    """(8, in_size) float32: Pillow's box average to 32 samples, then the 8 lowest DCT rows."""
-    return (DCT_8x32 @ filter_matrix(in_size, 32, "box")).astype(np.float32)
-
-
-def perceptual_hash(image: np.ndarray) -> int:
-    """64-bit pHash of a grey image (H, W): signs of the 8x8 lowest DCT frequencies of its
-    32x32 box average against their median (DC excluded). Robust to noise, contrast and
-    small shifts. Equals ``scipy.fft.dctn(small, norm="ortho")[:8, :8]`` thresholded,
-    ``small`` the 32x32 box average, with the average folded into the DCT matrices."""
-    rows, cols = _hash_projection(image.shape[0]), _hash_projection(image.shape[1])  # (8, H), (8, W)
-    low = (rows @ image.astype(np.float32) @ cols.T).ravel()  # (64,)
-    bits = low > np.partition(low[1:], 31)[31]  # the median of the 63 AC terms
-    return int(np.packbits(bits).view(">u8")[0])
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_bits: int, chunk: int = 2048) -> list[tuple[int, int]]:
@@ -88,23 +60,15 @@ def pattern_pairs(names: list[str], pattern: str | None) -> list[tuple[int, int]
     return pairs
 
 
-def union_groups(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
-    """Connected components of the pair graph: int64 (n,) group ids 0.. in order of first item."""
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in pairs:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    roots = [find(i) for i in range(n)]
-    ids: dict[int, int] = {}
-    return np.array([ids.setdefault(r, len(ids)) for r in roots], dtype=np.int64)
+def connected_groups(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """Connected components of the undirected graph on items 0..n-1 whose edges are
+    ``pairs``: int64 (n,) group ids 0.., numbered in order of each group's first item."""
+    edges = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)  # (E, 2)
+    graph = coo_array((np.ones(len(edges), bool), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)  # (n,) in scipy's own numbering
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))  # scipy's component -> its rank by first item
+    return rank[inverse].astype(np.int64)
 
 
 def _assign(group_sizes: dict[int, int], ratios: dict[str, float], rng: np.random.Generator) -> dict[int, str]:

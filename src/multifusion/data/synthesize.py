@@ -13,8 +13,6 @@ and order-free: ``generate_dataset`` gives the same bytes on any number of proce
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from scipy import ndimage as ndi
 
 from multifusion.config import SynthesizeConfig
 from multifusion.data.morphology import RENDERERS
+from multifusion.data.parallel import parallel_map
 
 # Image counts of the NFFA SEM dataset (Aversa et al. 2018): the long tail to reproduce.
 NFFA_COUNTS: dict[str, int] = {
@@ -166,8 +165,10 @@ def _write_one(task: tuple[int, str, int, int, int, str]) -> str:
     return str(path)
 
 
-def generate_dataset(cfg: SynthesizeConfig, seed: int, out_dir: str | Path, workers: int = 0) -> dict[str, int]:
-    """Write ``<out_dir>/<Class>/<class>_NNNN.tif`` (8-bit grey) for all classes; return counts."""
+def generate_dataset(cfg: SynthesizeConfig, seed: int, out_dir: str | Path, workers: int = 0,
+                     progress: bool = True) -> dict[str, int]:
+    """Write ``<out_dir>/<Class>/<class>_NNNN.tif`` (8-bit grey) for all classes on
+    ``workers`` processes (0 = all cores); return the counts."""
     out_dir = Path(out_dir)
     counts = class_counts(cfg.total, cfg.min_per_class)
     for class_name in CLASSES:
@@ -176,11 +177,7 @@ def generate_dataset(cfg: SynthesizeConfig, seed: int, out_dir: str | Path, work
         for stale in folder.glob("*.tif"):
             stale.unlink()
     tasks = [(seed, c, i, cfg.width, cfg.height, str(out_dir)) for c in CLASSES for i in range(counts[c])]
-    workers = workers or os.cpu_count() or 1
-    if workers == 1:
-        for task in tasks:
-            _write_one(task)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_one, tasks, chunksize=8))
+    # Small chunks: render times differ several-fold between classes, and tasks are in class order.
+    for _ in parallel_map(_write_one, tasks, workers, progress, desc="synthesize", chunksize=8):
+        pass
     return counts

@@ -41,7 +41,7 @@ class SkeletonResult:
 
 def folder_classes(root: str | Path) -> list[str]:
     """Class names of a data folder, as ``prepare`` finds them (sorted, unique)."""
-    from multifusion.data.ingest import scan_folder
+    from multifusion.data.layout import scan_folder
 
     names = sorted({class_name for _, class_name, _ in scan_folder(root).files})
     if not names:
