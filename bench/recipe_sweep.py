@@ -67,9 +67,7 @@ def run(spec, dev):
     if spec.get("init") == "default":
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear) and not name.startswith("embed.stem"):
-                m.reset_parameters()
-        for m in model.modules():
-            if hasattr(m, "reset_gate"): m.reset_gate()
+                m.reset_parameters()  # the gates (ZeroInitLinear) reset to zero
     model.to(dev)
     tr, va, te = (prep.split_indices(s) for s in ("train", "val", "test"))
     X = torch.from_numpy(np.asarray(prep.images[tr])).float().div(255).unsqueeze(1).to(dev)
