@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from multifusion.model.baselines import build_baseline, swin_window_size, vit_patch_size
 from multifusion.model.baselines.swin import WindowAttention, shifted_window_mask
 from multifusion.model.baselines.vig import MRConv2d, dilated_knn
-from multifusion.model.baselines.vit import Attention
+from multifusion.model.layers import Attention
 
 NAMES = ["resnet18", "resnet50", "vit_small", "swin_tiny", "vig"]
 

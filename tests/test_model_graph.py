@@ -1,5 +1,5 @@
 """Dense patch-graph ops against trusted references: brute-force kNN, dgl.nn.ChebConv
-(dgl 1.1.3) and dgl.laplacian_lambda_max, a loop-based max-relative conv."""
+(dgl 1.1.3) and dgl.laplacian_lambda_max. (ViG's max-relative conv is tested in test_baselines.)"""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from multifusion.model.graph import (
     ChebConv,
-    MRConv,
     PatchGraphEncoder,
     add_virtual_node,
     knn_adjacency,
@@ -130,19 +129,6 @@ def test_chebconv_matches_dgl_on_directed_graph_with_explicit_lambda():
     out = ours(x, adj.unsqueeze(0), torch.tensor([1.7]))
     expected = ref(_to_dgl(dgl, adj), x[0], lambda_max=[1.7])
     torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-4)
-
-
-def test_mrconv_matches_loop_reference():
-    gen = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 7, 5, generator=gen)
-    idx = knn_graph(x, 3)
-    conv = MRConv(5, 6)
-    out = conv(x, idx)
-    for b in range(2):
-        for i in range(7):
-            rel = torch.stack([x[b, j] - x[b, i] for j in idx[b, i].tolist()]).amax(0)
-            expected = conv.linear(torch.cat([x[b, i], rel]))
-            torch.testing.assert_close(out[b, i], expected, atol=1e-6, rtol=1e-5)
 
 
 def test_patch_graph_encoder_gradients_and_shape():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from multifusion.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
-from multifusion.model.ode import Attention
+from multifusion.model.layers import CrossAttention
 
 
 class AttentionPool(nn.Module):
@@ -87,8 +87,8 @@ class CrossModalHead(nn.Module):
         nn.init.trunc_normal_(self.null_token, std=0.02)
         self.norm_v = nn.LayerNorm(dim)
         self.norm_t = nn.LayerNorm(dim)
-        self.visual_to_text = Attention(dim, heads, dropout)  # visual queries attend to text
-        self.text_to_visual = Attention(dim, heads, dropout)  # text queries attend to visual
+        self.visual_to_text = CrossAttention(dim, heads, dropout)  # visual queries attend to text
+        self.text_to_visual = CrossAttention(dim, heads, dropout)  # text queries attend to visual
         self.norm = nn.LayerNorm(num_layers * dim)
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(num_layers * dim, num_classes)

@@ -3,12 +3,12 @@
 A batch of B graphs over N nodes is a dense adjacency ``adj`` (B, N, N) with
 ``adj[b, i, j] = 1`` when node i aggregates from node j (edge j -> i). For patch graphs
 (N up to a few hundred) this is the fastest form on CPU and GPU and needs no graph
-library. Reused by the ViG baseline:
+library. The ViG baseline reuses ``knn_graph`` (its max-relative conv is its own
+``MRConv2d``, in ``baselines/vig.py``):
 
     idx = knn_graph(x, k)                      # (B, N, k) neighbours by cosine similarity
     adj = add_virtual_node(knn_adjacency(idx))  # (B, N+1, N+1), node N linked to all
     h = ChebConv(C, C, K)(h, adj, laplacian_lambda_max(adj))
-    h = MRConv(C, C)(x, idx)                    # max-relative conv on the kNN indices
 """
 
 from __future__ import annotations
@@ -117,24 +117,6 @@ class ChebConv(nn.Module):
                 terms.append(x2)
                 x0, x1 = x1, x2
         return self.linear(torch.cat(terms, dim=-1))  # (B, N, C_out)
-
-
-class MRConv(nn.Module):
-    """Max-relative graph convolution (Vision GNN): h_i = W [x_i, max_j (x_j - x_i)].
-
-    x (B, N, C_in), idx (B, N, k) neighbour indices -> (B, N, C_out).
-    """
-
-    def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
-        super().__init__()
-        self.linear = nn.Linear(2 * in_dim, out_dim, bias=bias)
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        k = idx.shape[-1]
-        neighbours = torch.gather(x, 1, idx.reshape(B, N * k, 1).expand(-1, -1, C)).view(B, N, k, C)
-        rel = (neighbours - x.unsqueeze(2)).amax(dim=2)  # (B, N, C)
-        return self.linear(torch.cat([x, rel], dim=-1))
 
 
 class GraphBlock(nn.Module):

@@ -64,8 +64,7 @@ class HNFLayer(nn.Module):
         if self.use_graph:
             e_vn = self.graph(tokens, self.virtual + seed)  # (B, C)
             branches.append(self.drop(e_vn))
-        h_fus, _ = self.moe(branches)
-        return h_fus
+        return self.moe(branches)  # h_fus (B, C)
 
 
 class MultiFusion(nn.Module):

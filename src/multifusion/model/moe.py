@@ -15,29 +15,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from multifusion.model.layers import ZeroInitLinear
+
 
 class MoEGate(nn.Module):
-    """[(B, C)] * num_experts -> (B, C), plus the gate weights (B, num_experts)."""
+    """[(B, C)] * num_experts -> h_fus (B, C)."""
 
     def __init__(self, dim: int, num_experts: int) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError("MoEGate needs at least one expert (hnf.sequence_encoder or hnf.graph)")
         self.experts = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_experts))
-        self.gate = nn.Linear(num_experts * dim, num_experts) if num_experts > 1 else None
+        self.gate = ZeroInitLinear(num_experts * dim, num_experts) if num_experts > 1 else None  # equal weights at start
         self.norm = nn.LayerNorm(dim)
-        self.reset_gate()
 
-    def reset_gate(self) -> None:
-        """Start with equal expert weights."""
-        if self.gate is not None:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.zeros_(self.gate.bias)
-
-    def forward(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         outs = torch.stack([expert(x) for expert, x in zip(self.experts, inputs)], dim=1)  # (B, E, C)
         if self.gate is None:
             weights = outs.new_ones(outs.shape[:2])  # (B, 1)
         else:
             weights = torch.softmax(self.gate(torch.cat(inputs, dim=-1)), dim=-1)  # (B, E)
-        return self.norm((weights.unsqueeze(-1) * outs).sum(1)), weights
+        return self.norm((weights.unsqueeze(-1) * outs).sum(1))  # (B, C)

@@ -9,79 +9,12 @@ default, dopri5 (adaptive, rtol/atol) and the adjoint method as options.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from multifusion.config import SEQUENCE_ENCODERS, SOLVERS, HNFConfig, ODEConfig  # choices live with the params
-
-
-class Attention(nn.Module):
-    """Multi-head attention; self-attention when ``context`` is None.
-
-    x (B, N, C), context (B, M, C) -> (B, N, C).
-    """
-
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}; change hnf.dim or the heads")
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.dropout = dropout
-
-    def attention_weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The softmax weights of ``forward`` (no dropout): x (B, N, C), context (B, M, C) -> (B, h, N, M)."""
-        B, N, C = x.shape
-        M, h = context.shape[1], self.heads
-        q = self.q(x).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        k = self.kv(context).view(B, M, 2, h, C // h)[:, :, 0].transpose(1, 2)  # (B, h, M, d)
-        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // h), dim=-1)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        B, N, C = x.shape
-        M = context.shape[1]
-        h = self.heads
-        q = self.q(x).view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        k, v = self.kv(context).view(B, M, 2, h, C // h).permute(2, 0, 3, 1, 4)  # (B, h, M, d) each
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, N, d)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear. (..., C) -> (..., C)."""
-
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer encoder layer. (B, N, C) -> (B, N, C)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))
-        return x + self.mlp(self.norm2(x))
+from multifusion.model.layers import Block, CrossAttention, Mlp, ZeroInitLinear
 
 
 class VectorField(nn.Module):
@@ -97,7 +30,7 @@ class VectorField(nn.Module):
         super().__init__()
         self.time = nn.Parameter(torch.zeros(dim))  # time embedding direction
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = CrossAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gamma = nn.Parameter(torch.full((dim,), 0.1))
@@ -125,14 +58,8 @@ class BidirectionalODE(nn.Module):
         self.cfg = ode
         self.forward_field = VectorField(dim, heads, mlp_ratio)
         self.backward_field = VectorField(dim, heads, mlp_ratio)
-        self.gate = nn.Linear(2 * dim, dim)
+        self.gate = ZeroInitLinear(2 * dim, dim)  # starts at g = 1/2: the mean of both directions
         self.norm = nn.LayerNorm(dim)
-        self.reset_gate()
-
-    def reset_gate(self) -> None:
-        """Start as the mean of both directions."""
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
 
     def _integrate(self, field: VectorField, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
         cfg = self.cfg
@@ -156,7 +83,9 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, dim: int, heads: int, depth: int, dropout: float, mlp_ratio: float = 2.0) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth)))
+        self.blocks = nn.Sequential(
+            *(Block(dim, heads, mlp_ratio, dropout, eps=1e-5, attn_layer=CrossAttention) for _ in range(depth))
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from multifusion.model.baselines.vit import DropPath, Mlp
+from multifusion.model.layers import DropPath, Mlp
 
 
 def swin_window_size(image_size: int, patch_size: int = 4, max_window: int = 7) -> int:

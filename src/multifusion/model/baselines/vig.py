@@ -10,9 +10,8 @@ number of neighbours growing linearly from k to 2k over the blocks, dilated kNN
 The graph is dense and batched: each node's neighbours are itself plus its nearest
 patches by cosine similarity from ``multifusion.model.graph.knn_graph`` (the project's
 graph module, which excludes self; the reference's kNN includes it). The max-relative
-conv here is the reference's ``MRConv2d`` (grouped 1x1 conv + BN + GELU on the
-interleaved [x_i, max_j(x_j - x_i)]); the project's ``graph.MRConv`` is an ungrouped
-linear one, so its parameter count would differ from ViG-Ti's.
+conv is the reference's ``MRConv2d`` (grouped 1x1 conv + BN + GELU on the interleaved
+[x_i, max_j(x_j - x_i)]), the project's only max-relative graph conv.
 
 Grid rule: the stem's stride is the ViT patch size for the same image (16 at >= 128 px,
 else image_size // 8), so the node grid is 14 x 14 at 224 px (as the reference) and
@@ -26,8 +25,9 @@ import math
 import torch
 import torch.nn as nn
 
-from multifusion.model.baselines.vit import DropPath, vit_patch_size
+from multifusion.model.baselines.vit import vit_patch_size
 from multifusion.model.graph import knn_graph
+from multifusion.model.layers import DropPath
 
 
 def gather_nodes(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 ``vit_small_patch16_224``: dim 384, depth 12, 6 heads, MLP ratio 4, qkv bias, a CLS
 token, learned absolute positions, pre-norm blocks, final LayerNorm, CLS pooling
-(22,050,664 parameters with 3 input channels, 1000 classes, 224 px).
+(22,050,664 parameters with 3 input channels, 1000 classes, 224 px). Its blocks are
+``multifusion.model.layers.Block`` (fused-qkv ``Attention``, LayerNorm eps 1e-6).
 
 Patch size rule (``vit_patch_size``): 16 (timm's) when the image is at least 128 px,
 otherwise ``image_size // 8`` so the token grid stays 8 x 8 (8 px patches at 64 px);
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from multifusion.model.layers import Block
 
 
 def vit_patch_size(image_size: int) -> int:
@@ -36,68 +38,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: (B, N, D) -> (B, N, D)."""
-
-    def __init__(self, dim: int, heads: int, attn_drop: float = 0.0) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-        self.attn_drop = attn_drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, h, N, D/h)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear: (..., D) -> (..., D)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); (B, N, D)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -125,7 +65,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, rates[i]) for i in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, drop_path=rates[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
