@@ -15,7 +15,8 @@ from multifusion.checkpoint import load_model
 from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
-from multifusion.robustness import evaluate_under_shifts, plot_robustness, robustness_table
+from multifusion.robustness import evaluate_under_shifts, robustness_table
+from multifusion.robustness_plot import plot_robustness
 from multifusion.train import resolve_device
 
 
