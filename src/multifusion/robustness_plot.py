@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from multifusion.plotting import pyplot
+
 
 def plot_robustness(table: pd.DataFrame, path: str | Path) -> None:
     """One panel per shift: accuracy vs severity level, one line per model; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shifts = list(dict.fromkeys(table["shift"]))
     cols = 4
     rows = (len(shifts) + cols - 1) // cols
