@@ -55,7 +55,8 @@ def run(spec, dev):
     from multifusion.model.baselines import build_baseline
     from multifusion.text.features import TextFeatures
     from multifusion.data.dataset import load_prepared, augment_batch
-    from multifusion.train import class_weights, warmup_cosine, adamw
+    from multifusion.optim import adamw, warmup_cosine
+    from multifusion.train import class_weights
     cfg = load_config(spec["_params"])
     ov = dict(spec.get("overrides", {}))
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), ov))

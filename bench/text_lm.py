@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from multifusion.config import TextConfig, load_config
+from multifusion.runtime import cpu_threads
 from multifusion.text.base import materialise
 from multifusion.text.corpus import Corpus, build_corpus, load_descriptions
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens
-from multifusion.text.pretrain import SentenceBatcher, bucketed_batches, cpu_threads, load_base_model, mlm_loss
+from multifusion.text.pretrain import SentenceBatcher, bucketed_batches, load_base_model, mlm_loss
 from multifusion.text.tokenizer import SPECIAL_TOKENS, train_wordpiece
 
 REPO = Path(__file__).resolve().parents[1]

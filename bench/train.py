@@ -119,7 +119,9 @@ def time_to_accuracy(name: str, cfg: Config, prepared_dir: str, text_dir: str | 
 
     from multifusion.data.dataset import SplitDataset, collate_batch, load_prepared
     from multifusion.evaluate import predict_logits
-    from multifusion.train import Runtime, adamw, class_weights, epoch_order, rank_batches, train_one_epoch, warmup_cosine
+    from multifusion.optim import adamw, warmup_cosine
+    from multifusion.runtime import Runtime
+    from multifusion.train import class_weights, epoch_order, rank_batches, train_one_epoch
 
     prepared = load_prepared(prepared_dir)
     k, train = len(prepared.classes), cfg.train

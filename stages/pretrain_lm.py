@@ -11,7 +11,6 @@ check (same-class nearest-neighbour accuracy of the descriptions, before and aft
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dvclive import Live  # noqa: E402
 
 from multifusion.cli_errors import run_stage  # noqa: E402
 from multifusion.config import load_config  # noqa: E402
+from multifusion.json_files import write_json  # noqa: E402
 from multifusion.text.corpus import build_corpus, load_descriptions  # noqa: E402
 from multifusion.text.base import BaseInfo, read_base  # noqa: E402
 from multifusion.text.pretrain import PretrainResult, pretrain, save_lm  # noqa: E402
@@ -57,8 +57,7 @@ def main() -> None:
     save_lm(result, args.out)
     metrics = lm_metrics(result, base)
     write_timing("pretrain_lm", result.seconds)  # not in metrics/lm.json, whose hash dvc.lock records
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     print(
         f"pretrain_lm: held-out perplexity {result.perplexity_before:.1f} -> {result.perplexity_after:.1f}, "
         f"description retrieval {metrics['retrieval_before']:.3f} -> {metrics['retrieval_after']:.3f} "

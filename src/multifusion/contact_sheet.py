@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from multifusion.plotting import pyplot
+
 
 @dataclass
 class SheetEntry:
@@ -28,11 +30,7 @@ def draw_contact_sheet(entries: list[SheetEntry], path: str | Path, title: str =
     ``lines`` predictions under each image; written as PNG (matplotlib, Agg)."""
     if not entries:
         raise ValueError("draw_contact_sheet: no images to draw")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = max(1, min(columns, len(entries)))
     rows = (len(entries) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.6 * rows), squeeze=False)

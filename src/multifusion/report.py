@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 
 from multifusion.config import Config
+from multifusion.json_files import write_json
+from multifusion.plotting import pyplot
 
 FULL = "multifusion"
 TOPK = ("top1", "top2", "top3", "top5")
@@ -188,11 +190,9 @@ def render_results(
 
 def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: str | Path, title: str) -> None:
     """Grouped bar chart, one group per model, one bar per metric key; PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     names = list(rows)
     x = np.arange(len(names))
@@ -220,7 +220,7 @@ def write_report(
     rows = {FULL: ours, **runs}
     (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date, machine()))
     summary = {name: {k: float(m[k]) for k in TOPK + PRF + ("ece", "train_seconds") if k in m} for name, m in rows.items()}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "summary.json", summary)
     csv = ["model,kind," + ",".join(TOPK + PRF)]
     for name, m in rows.items():
         kind = "ablation" if is_ablation(name) and name != FULL else ("ours" if name == FULL else "baseline")

@@ -11,22 +11,20 @@ declared nowhere in dvc.yaml, overwritten by each run.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
+
+from multifusion.json_files import write_json
 
 TIMINGS_DIR = Path("metrics/timings")  # relative to the repository root, where DVC runs every stage
 
 
 def write_timing(stage: str, seconds: float, directory: str | Path = TIMINGS_DIR) -> Path:
     """Write ``{"stage", "seconds", "finished", "cpu_count"}`` to ``<directory>/<stage>.json``."""
-    path = Path(directory) / f"{stage}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "stage": stage,
         "seconds": round(seconds, 2),
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
     }
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    return write_json(Path(directory) / f"{stage}.json", record)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from multifusion.config import LLM_PROVIDERS, LLMConfig
+from multifusion.json_files import write_json
 from multifusion.llm.cache import ResponseCache
 from multifusion.llm.curated import CuratedTexts, curated_answers, load_curated, missing_requests, uncurated_classes
 from multifusion.llm.label import PROVIDER as LABEL_PROVIDER
@@ -159,9 +160,8 @@ def _describe_curated(
 def write_outputs(result: DescribeResult, out: str | Path, metrics_path: str | Path) -> None:
     out, metrics_path = Path(out), Path(metrics_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     result.table.to_parquet(out, index=False)
-    metrics_path.write_text(json.dumps(result.metrics, indent=2) + "\n")
+    write_json(metrics_path, result.metrics)
 
 
 @dataclass

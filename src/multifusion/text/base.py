@@ -29,6 +29,8 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
+from multifusion.json_files import write_json
+
 PACKAGE_PREFIX = "package:"
 BASE_INFO = "base.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the weights a HF directory may hold
@@ -174,7 +176,7 @@ def copy_directory(source: Path, out: Path, spec: str) -> BaseInfo:
 
 
 def _publish(staging: Path, out: Path, info: BaseInfo) -> BaseInfo:
-    (staging / BASE_INFO).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    write_json(staging / BASE_INFO, asdict(info))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return info

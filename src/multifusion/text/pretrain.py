@@ -39,6 +39,8 @@ from transformers import (
 )
 
 from multifusion.config import TextConfig
+from multifusion.optim import optimizer_step, warmup_linear
+from multifusion.runtime import cpu_threads
 from multifusion.text.base import BaseModelError
 from multifusion.text.corpus import Corpus
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens
@@ -101,23 +103,6 @@ class SentenceBatcher:
             word_ids[row, :n] = torch.tensor(self.word_ids[i])
             special[row, :n] = torch.tensor(self.special[i], dtype=torch.bool)
         return Batch(input_ids, attention_mask, word_ids, special)
-
-
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads (0: leave torch's setting), then restore it.
-
-    The LM's matrices are small: extra threads gain little, and on a shared machine
-    they spin against each other (measured here: 30 steps in 1.3 s on 1 thread, 26 s on
-    2 under load). A fixed count also keeps float reductions, so outputs, reproducible.
-    """
-    previous = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextmanager
@@ -257,14 +242,7 @@ def run_phase(
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     optimizer = torch.optim.AdamW(phase.parameters, lr=phase.lr, weight_decay=text.weight_decay)
-    warmup = min(text.warmup_steps, phase.steps)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (phase.steps - step) / max(1, phase.steps - warmup))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(min(text.warmup_steps, phase.steps), phase.steps))
     eval_every = max(1, phase.steps // EVAL_POINTS)
     running, running_n = 0.0, 0
     model.train()
@@ -275,12 +253,7 @@ def run_phase(
             tokenizer.mask_token_id, len(tokenizer), generator,
         )
         loss = mlm_loss(model, masked, batch.attention_mask, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if text.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(phase.parameters, text.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, phase.parameters, text.grad_clip)
         running, running_n = running + loss.item(), running_n + 1
         if log is not None and (step % eval_every == 0 or step == phase.steps):
             metrics = {"mlm_loss": running / running_n, "heldout_perplexity": heldout_perplexity(model, heldout), "lr": scheduler.get_last_lr()[0]}
