@@ -17,7 +17,6 @@ only when the layout is ambiguous, or no usable data or fewer than 2 classes rem
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ from multifusion.data.ingest import Record, prepare_files
 from multifusion.data.layout import LayoutError, Scan, scan_folder
 from multifusion.data.split import (MIN_GROUPS, SPLITS, assign_splits, connected_groups, near_duplicate_pairs,
                                     pattern_pairs)
+from multifusion.json_files import write_json
 
 log = logging.getLogger("multifusion.prepare")
 
@@ -198,7 +198,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "images.npy", images)
     manifest.to_parquet(out_dir / "manifest.parquet", index=False)
-    (out_dir / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    write_json(out_dir / "classes.json", classes)
     class_counts, split_counts = _counts(manifest)
     report = {
         "root": str(root),
@@ -215,6 +215,6 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
         "image_size": data.image_size,
     }
     report["single_image_classes"], report["few_groups"] = thin_classes(manifest, _ratios(data))
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "report.json", report)
     log.info("prepared %d of %d files, %d classes -> %s", report["kept"], report["scanned"], len(classes), out_dir)
     return report
