@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from multifusion.data.decode import ImageError, decode_grey
+from multifusion.data.decode import decode_grey
 from multifusion.data.hashes import perceptual_hash
 from multifusion.data.prepare import PrepareError, prepare_dataset
 from multifusion.data.preprocess import load_micrograph
