@@ -6,7 +6,7 @@
     ...
     teardown_runtime(runtime)
 
-A leaf module (torch only): stages, the trainer, evaluation and the text LM import it.
+Below everything but the config: stages, the trainer, evaluation and the text LM import it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-DEVICES = ("auto", "cpu", "cuda")
+from multifusion.config import DEVICES  # the allowed *.device values live with the params
 
 
 @dataclass
