@@ -13,12 +13,12 @@ params, train_seconds and, with compare.robustness, shifted_top1) and dvclive cu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from multifusion.cli_errors import run_stage
 from multifusion.compare import run_comparison
 from multifusion.config import load_config
+from multifusion.json_files import write_json
 
 
 def main() -> None:
@@ -35,8 +35,7 @@ def main() -> None:
 
     cfg = load_config(args.params)
     metrics = run_comparison(args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live)
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(args.metrics, metrics)
     print(
         f"compare {args.model}: top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} macro-F1 {metrics['macro_f1']:.3f} "
         f"({metrics['params']:,} params, {metrics['train_seconds']:.0f} s training)"

@@ -12,16 +12,18 @@ metrics/per_class.json and the confusion matrix as DVC plot rows (confusion.csv)
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from sklearn.metrics import confusion_matrix
 
 from multifusion.calibration import calibration_summary
 from multifusion.checkpoint import load_model
 from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
-from multifusion.evaluate import confusion_matrix, evaluate_split, plot_confusion_png, write_confusion_csv
-from multifusion.train import resolve_device
+from multifusion.evaluate import evaluate_split, plot_confusion_png, write_confusion_csv
+from multifusion.json_files import write_json
+from multifusion.runtime import resolve_device
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.params)
-    device = resolve_device(cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
     loaded = load_model(args.model, device)
     prepared = load_prepared(args.prepared)
     if loaded.classes != prepared.classes:
@@ -46,12 +48,10 @@ def main() -> None:
         cfg.evaluate.tta,
     )
     metrics |= calibration_summary(loaded.calibration)
-    for path in (args.metrics, args.per_class):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    args.per_class.write_text(json.dumps(per_class, indent=2) + "\n")
+    write_json(args.metrics, metrics)
+    write_json(args.per_class, per_class)
     write_confusion_csv(args.plots / "confusion.csv", labels, preds, prepared.classes)
-    plot_confusion_png(args.plots / "confusion.png", confusion_matrix(labels, preds, len(prepared.classes)), prepared.classes,
+    plot_confusion_png(args.plots / "confusion.png", confusion_matrix(labels, preds, labels=range(len(prepared.classes))), prepared.classes,
                        title=f"{loaded.model_name} on the {args.split} split")
     print(
         f"evaluate ({args.split}, n={metrics['n']}): top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} "

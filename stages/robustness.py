@@ -8,7 +8,6 @@ clean) and <plots>/accuracy_vs_severity.png.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from multifusion.checkpoint import load_model
@@ -17,7 +16,8 @@ from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.robustness import evaluate_under_shifts, robustness_table
 from multifusion.robustness_plot import plot_robustness
-from multifusion.train import resolve_device
+from multifusion.json_files import write_json
+from multifusion.runtime import resolve_device
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.params)
-    device = resolve_device(cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device, "evaluate.device")
     loaded = load_model(args.model, device=device)
     prepared = load_prepared(args.prepared)
     if prepared.classes != loaded.classes:
@@ -43,9 +43,7 @@ def main() -> None:
         loaded.model, prepared.images[test], prepared.labels(test), cfg, loaded.temperature, device=device
     )
     result = {"model": loaded.model_name, **result}
-    metrics = Path(args.metrics)
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.metrics, result)
 
     table = robustness_table(result, loaded.model_name)
     plots = Path(args.plots)

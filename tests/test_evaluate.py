@@ -1,5 +1,6 @@
-"""Metrics against scikit-learn, the confusion outputs, predict_probs, the save/load round
-trip (MultiFusion and a baseline) and the evaluate stage end to end."""
+"""Metrics (scikit-learn's, wrapped) against the hand-written formulas they replaced, the
+confusion outputs, predict_probs, the save/load round trip (MultiFusion and a baseline) and
+the evaluate stage end to end."""
 
 from __future__ import annotations
 
@@ -11,21 +12,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import confusion_matrix as sk_confusion_matrix
-from sklearn.metrics import precision_recall_fscore_support, top_k_accuracy_score
+from sklearn.metrics import confusion_matrix
 
 from multifusion.checkpoint import load_model, save_model
 from multifusion.data.dataset import load_prepared, to_model_input
 from multifusion.evaluate import (
     classification_metrics,
-    confusion_matrix,
     expected_calibration_error,
+    macro_scores,
     per_class_table,
     plot_confusion_png,
     predict_probs,
     softmax,
+    top_k_accuracy,
     write_confusion_csv,
 )
+from multifusion.json_files import write_json
 from multifusion.model import build_model
 from multifusion.text.features import TextFeatures
 
@@ -50,36 +52,91 @@ def ece_reference(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
     return total
 
 
-@pytest.mark.parametrize("n, c, seed", [(200, 10, 0), (57, 4, 1), (30, 11, 2)])
-def test_metrics_match_scikit_learn(n, c, seed):
-    probs, labels = random_probs(n, c, seed)
+def previous_scores(labels: np.ndarray, preds: np.ndarray, c: int) -> dict[str, np.ndarray]:
+    """evaluate.py's hand-written formulas before scikit-learn (issue 15): per class precision,
+    recall, F1 (0 where undefined) from the confusion counts; ``present``: in labels or preds."""
+    cm = np.bincount(labels * c + preds, minlength=c * c).reshape(c, c)          # rows actual, columns predicted
+    tp, predicted, support = np.diag(cm).astype(float), cm.sum(0).astype(float), cm.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros(c), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(c), where=precision + recall > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support, "present": (support > 0) | (predicted > 0)}
+
+
+def previous_top_k(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """The previous top-k: a stable sort, so tied scores rank the lower class index first."""
+    top = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def awkward_probs(n: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities with ties (scores on a coarse grid, some rows uniform), labels drawn from
+    only part of the classes (the others absent from this split, some still predicted)."""
+    rng = np.random.default_rng(seed)
+    present = rng.choice(c, size=max(1, c - 2), replace=False)
+    labels = rng.choice(present, n)
+    scores = (np.round(rng.uniform(0, 1, (n, c)) * 4) + 1) / 4                   # (N, C), on a grid: ties
+    scores[np.arange(n), labels] += rng.integers(0, 2, n) * 0.5
+    scores[rng.random(n) < 0.1] = 1.0
+    return scores / scores.sum(axis=1, keepdims=True), labels
+
+
+CASES = [(200, 10, 0), (57, 4, 1), (30, 11, 2), (40, 3, 3), (25, 2, 4), (12, 6, 5)]
+
+
+@pytest.mark.parametrize("n, c, seed", CASES)
+@pytest.mark.parametrize("make", [random_probs, awkward_probs])
+def test_metrics_give_the_previous_figures(n, c, seed, make):
+    """Top-k, macro precision and recall bit for bit; F1 to the last bits (scikit-learn computes
+    2tp / (2tp + fp + fn) with one rounding, the old formula 2PR / (P + R) from rounded P and R)."""
+    probs, labels = make(n, c, seed)
     m = classification_metrics(probs, labels, ece_bins=15)
     for k in (1, 2, 3, 5):
-        expected = top_k_accuracy_score(labels, probs, k=k, labels=np.arange(c)) if k < c else 1.0
-        assert m[f"top{k}"] == pytest.approx(expected), k
-    p, r, f, _ = precision_recall_fscore_support(labels, probs.argmax(1), average="macro", zero_division=0)
-    assert (m["macro_precision"], m["macro_recall"], m["macro_f1"]) == pytest.approx((p, r, f))
+        assert m[f"top{k}"] == top_k_accuracy(probs, labels, k) == previous_top_k(probs, labels, k), k
+    assert m["top1"] == float((probs.argmax(1) == labels).mean())
+    old = previous_scores(labels, probs.argmax(1), c)
+    assert (m["macro_precision"], m["macro_recall"]) == (old["precision"][old["present"]].mean(), old["recall"][old["present"]].mean())
+    assert m["macro_f1"] == pytest.approx(old["f1"][old["present"]].mean(), rel=1e-14, abs=1e-15)
     assert m["ece"] == pytest.approx(ece_reference(probs, labels, 15))
     assert set(m) == {"top1", "top2", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "ece"}
+    table = per_class_table(probs, labels, [f"c{i}" for i in range(c)])
+    for i, row in enumerate(table.values()):
+        assert (row["precision"], row["recall"], row["support"]) == (old["precision"][i], old["recall"][i], old["support"][i])
+        assert row["f1"] == pytest.approx(old["f1"][i], rel=1e-14, abs=1e-15)
 
 
-def test_per_class_table_and_confusion_match_scikit_learn(tmp_path):
+def test_macro_scores_skip_classes_absent_from_labels_and_predictions():
+    labels, preds = np.array([0, 0, 2, 2, 2]), np.array([0, 4, 2, 2, 0])   # 1, 3 absent; 4 only predicted
+    precision, recall, f1 = macro_scores(labels, preds)
+    assert precision == pytest.approx((1 / 2 + 1 + 0) / 3) and recall == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert f1 == pytest.approx((1 / 2 + 0.8 + 0) / 3)
+    assert macro_scores(np.zeros(0, int), np.zeros(0, int)) == (0.0, 0.0, 0.0)
+
+
+def test_top_k_ties_rank_the_lower_class_first():
+    probs = np.array([[0.25, 0.25, 0.25, 0.25], [0.1, 0.3, 0.3, 0.3]])
+    assert [top_k_accuracy(probs, np.array([1, 1]), k) for k in (1, 2, 3)] == [0.5, 1.0, 1.0]
+    assert [top_k_accuracy(probs, np.array([3, 3]), k) for k in (1, 2, 3, 4)] == [0.0, 0.0, 0.5, 1.0]
+
+
+def test_per_class_table_and_confusion_outputs(tmp_path):
     probs, labels = random_probs(120, 5, 3)
     preds = probs.argmax(1)
     classes = [f"c{i}" for i in range(5)]
-    table = per_class_table(probs, labels, classes)
-    p, r, f, s = precision_recall_fscore_support(labels, preds, labels=np.arange(5), zero_division=0)
-    for i, name in enumerate(classes):
-        assert (table[name]["precision"], table[name]["recall"], table[name]["f1"]) == pytest.approx((p[i], r[i], f[i]))
-        assert table[name]["support"] == s[i]
-    cm = confusion_matrix(labels, preds, 5)
-    np.testing.assert_array_equal(cm, sk_confusion_matrix(labels, preds, labels=np.arange(5)))
     write_confusion_csv(tmp_path / "confusion.csv", labels, preds, classes)
     with (tmp_path / "confusion.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["actual"], r["predicted"]) for r in rows] == [(classes[a], classes[b]) for a, b in zip(labels, preds)]
-    plot_confusion_png(tmp_path / "confusion.png", cm, classes)
+    plot_confusion_png(tmp_path / "confusion.png", confusion_matrix(labels, preds, labels=range(5)), classes)
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_write_json_writes_the_bytes_of_the_previous_idiom(tmp_path):
+    obj = {"top1": 0.1 + 0.2, "classes": ["Fibres", "Tips"], "nested": {"n": 3, "none": None}, "unicode": "µm"}
+    path = write_json(tmp_path / "new" / "folder" / "m.json", obj)
+    (tmp_path / "old.json").write_text(json.dumps(obj, indent=2) + "\n")
+    assert path.read_bytes() == (tmp_path / "old.json").read_bytes()
+    assert json.loads(path.read_text()) == obj
 
 
 def test_perfect_and_degenerate_cases():

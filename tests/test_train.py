@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -17,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from multifusion.checkpoint import TRAIN_STATE
 from multifusion.data.dataset import SplitDataset, augment_batch, load_prepared, to_model_input
-from multifusion.train import epoch_order, fit, rank_batches, warmup_cosine
+from multifusion.optim import optimizer_step, warmup_cosine, warmup_linear
+from multifusion.train import epoch_order, fit, rank_batches
 
 # A tiny model and a command line around fit(), run in subprocesses (kill, DDP) and
 # imported in-process for the reference runs, so both build the very same model.
@@ -114,6 +117,57 @@ def test_warmup_then_cosine():
     assert all(f(s) >= f(s + 1) for s in range(4, 20))
 
 
+def previous_train_schedule(warmup_steps, total_steps, step):
+    """train.py's LR lambda before the schedules moved to multifusion.optim (issue 15)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def previous_pretrain_schedule(warmup_steps, phase_steps, step):
+    """text/pretrain.py's LR lambda before the move (its warm-up cut at the phase length)."""
+    warmup = min(warmup_steps, phase_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (phase_steps - step) / max(1, phase_steps - warmup))
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 1), (0, 30), (1, 1), (3, 30), (32, 960), (7, 5), (40, 40)])
+def test_schedules_give_the_previous_lr_factors_bit_for_bit(warmup, total):
+    steps = range(total + 3)   # LambdaLR also evaluates the step after the last one
+    assert [warmup_cosine(warmup, total)(s) for s in steps] == [previous_train_schedule(warmup, total, s) for s in steps]
+    linear = warmup_linear(min(warmup, total), total)
+    assert [linear(s) for s in steps] == [previous_pretrain_schedule(warmup, total, s) for s in steps]
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05])
+def test_optimizer_step_is_zero_grad_backward_clip_step_schedule(grad_clip):
+    """Against the inline block train.py and text/pretrain.py each had before (issue 15)."""
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, 5))
+
+    x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ours, reference = setup(), setup()
+    for _ in range(4):
+        model, optimizer, scheduler = ours
+        optimizer_step(F.cross_entropy(model(x), y), optimizer, scheduler, model.parameters(), grad_clip)
+        model, optimizer, scheduler = reference
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours[0].parameters(), reference[0].parameters()))
+    assert ours[2].get_last_lr() == reference[2].get_last_lr()
+    assert not torch.equal(ours[0].weight, setup()[0].weight)   # it did train
+
+
 def test_to_model_input_and_dataset(make_prepared):
     prepared = load_prepared(make_prepared())
     ds = SplitDataset(prepared, "val")
@@ -187,10 +241,14 @@ def test_fit_early_stops_and_writes_model_live_checkpoint(make_prepared, worker,
 def test_training_learns_the_tiny_task(make_prepared, worker, repo_root, tmp_path):
     prepared = make_prepared()
     out = tmp_path / "run"
-    run_inprocess(worker, repo_root, prepared, out, {**BASE, "train.epochs": 8, "train.lr": 0.02, "train.augment.crop_scale": 1.0})
+    model = run_inprocess(worker, repo_root, prepared, out, {**BASE, "train.epochs": 8, "train.lr": 0.02, "train.augment.crop_scale": 1.0})
     train_loss = read_tsv(out / "live/plots/metrics/train/loss.tsv", "train/loss")
     assert train_loss[-1] < train_loss[0]
     assert max(read_tsv(out / "live/plots/metrics/val/acc.tsv", "val/acc")) > 0.6   # chance is 1/3
+    # no early stopping (patience 0): the last weights are kept, and no best weights are copied
+    state = torch.load(out / "checkpoints" / TRAIN_STATE, weights_only=False)
+    assert state["best_state"] is None and state["epoch"] == 7
+    assert all(torch.equal(state["model"][k], v) for k, v in model.state_dict().items())
 
 
 def test_resume_after_sigkill_gives_the_same_weights(make_prepared, worker, repo_root, tmp_path, capsys):

@@ -13,7 +13,6 @@ swin_tiny, vig) and the keys of ``compare.ablations`` in params.yaml (e.g. mf_no
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,12 @@ from multifusion.checkpoint import load_model
 from multifusion.config import Config, apply_overrides, config_from_dict
 from multifusion.data.dataset import load_prepared
 from multifusion.evaluate import evaluate_split
+from multifusion.json_files import write_json
 from multifusion.model import build_model
 from multifusion.model.baselines import BASELINES, build_baseline
+from multifusion.runtime import resolve_device
 from multifusion.text.features import TextFeatures
-from multifusion.train import fit, resolve_device
+from multifusion.train import fit
 
 
 def check_name(name: str, cfg: Config) -> None:
@@ -82,7 +83,7 @@ def run_comparison(
     train_seconds = time.perf_counter() - started
 
     loaded = load_model(model_dir)  # what a user gets from models/compare/<name>: the saved best weights
-    device = resolve_device(cfg_run.evaluate.device)
+    device = resolve_device(cfg_run.evaluate.device, "evaluate.device")
     loaded.model.to(device)
     metrics, _, _, _ = evaluate_split(
         loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins,
@@ -96,6 +97,6 @@ def run_comparison(
         result = evaluate_under_shifts(
             loaded.model, np.asarray(prepared.images[test]), prepared.labels(test), cfg_run, loaded.temperature, str(device)
         )
-        (Path(model_dir) / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(model_dir) / "robustness.json", result)
         metrics["shifted_top1"] = mean_shifted_top1(result)
     return metrics

@@ -1,5 +1,6 @@
-"""Inference and classification metrics: top-k accuracy, macro precision/recall/F1, ECE,
-a per-class table and the confusion matrix (as DVC plot rows and as a PNG).
+"""Inference and classification metrics: top-k accuracy, macro precision/recall/F1 (by
+scikit-learn), ECE, a per-class table and the confusion matrix (as DVC plot rows and as
+a PNG).
 
     probs = predict_probs(model, images_u8, batch_size=64, device="cpu", temperature=T)
     metrics = classification_metrics(probs, labels, ece_bins=15)
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 
 from multifusion.calibration import nll
 from multifusion.data.dataset import Prepared, to_model_input
+from multifusion.plotting import pyplot
 
 TOP_K = (1, 2, 3, 5)
 
@@ -75,32 +78,27 @@ def predict_probs(
 
 
 def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of rows whose label is among the k highest probabilities (k capped at C)."""
-    k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]   # (N, k)
-    return float((top == labels[:, None]).any(axis=1).mean())
+    """Share of rows (probs (N, C), labels (N,)) whose label is among the k highest
+    probabilities; k >= C counts every row. Ties rank the lower class index first, as
+    argmax does, so top-1 is the accuracy of the argmax predictions."""
+    num_classes = probs.shape[1]
+    if k >= num_classes:
+        return 1.0
+    if k == 1:
+        return float(accuracy_score(labels, probs.argmax(axis=1)))
+    # scikit-learn ranks tied scores higher class index first: in reversed class order
+    # that is the lower original index first (C >= 3 here, the multiclass case)
+    reversed_labels = num_classes - 1 - labels
+    return float(top_k_accuracy_score(reversed_labels, probs[:, ::-1], k=k, labels=np.arange(num_classes)))
 
 
-def per_class_scores(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
-    """Precision, recall, F1 and support per class (0 where undefined, as scikit-learn)."""
-    cm = confusion_matrix(labels, preds, num_classes)          # (C, C) rows actual, cols predicted
-    tp = np.diag(cm).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support, "predicted": predicted}
-
-
-def macro_scores(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> tuple[float, float, float]:
-    """Macro precision, recall, F1 over the classes present in labels or predictions."""
-    scores = per_class_scores(labels, preds, num_classes)
-    present = (scores["support"] > 0) | (scores["predicted"] > 0)
-    if not present.any():
+def macro_scores(labels: np.ndarray, preds: np.ndarray) -> tuple[float, float, float]:
+    """Macro precision, recall, F1 over the classes present in labels or predictions
+    (a class absent from both counts for nothing); 0 where a score is undefined."""
+    if len(labels) == 0:
         return 0.0, 0.0, 0.0
-    return tuple(float(scores[name][present].mean()) for name in ("precision", "recall", "f1"))  # type: ignore[return-value]
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, preds, average="macro", zero_division=0)
+    return float(precision), float(recall), float(f1)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
@@ -123,27 +121,19 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, ece_bins: int)
         raise ValueError(f"expected probs (N, C) and labels (N,) with N > 0, got {probs.shape} and {labels.shape}")
     preds = probs.argmax(axis=1)
     metrics = {f"top{k}": top_k_accuracy(probs, labels, k) for k in TOP_K}
-    precision, recall, f1 = macro_scores(labels, preds, probs.shape[1])
+    precision, recall, f1 = macro_scores(labels, preds)
     metrics.update(macro_precision=precision, macro_recall=recall, macro_f1=f1)
     metrics["ece"] = expected_calibration_error(probs, labels, ece_bins)
     return metrics
 
 
-def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """(C, C) int64 counts, rows actual, columns predicted."""
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 def per_class_table(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
-    """{class: {precision, recall, f1, support}} for every class, in class order."""
-    scores = per_class_scores(np.asarray(labels), np.asarray(probs).argmax(axis=1), len(classes))
+    """{class: {precision, recall, f1, support}} for every class, in class order (0 where undefined)."""
+    precision, recall, f1, support = precision_recall_fscore_support(
+        np.asarray(labels), np.asarray(probs).argmax(axis=1), labels=np.arange(len(classes)), average=None, zero_division=0
+    )
     return {
-        name: {
-            "precision": float(scores["precision"][i]),
-            "recall": float(scores["recall"][i]),
-            "f1": float(scores["f1"][i]),
-            "support": int(scores["support"][i]),
-        }
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
         for i, name in enumerate(classes)
     }
 
@@ -160,11 +150,7 @@ def write_confusion_csv(path: str | Path, labels: np.ndarray, preds: np.ndarray,
 
 def plot_confusion_png(path: str | Path, cm: np.ndarray, classes: list[str], title: str = "Confusion matrix") -> None:
     """Row-normalised confusion matrix with counts, as a PNG (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = cm.sum(axis=1, keepdims=True)

@@ -9,8 +9,9 @@ on the device, bf16 autocast on CUDA (fp32 on CPU), optional ``torch.compile``. 
 epoch it validates (loss, accuracy, macro-F1), logs to dvclive and writes a checkpoint
 (weights, optimizer, scheduler, RNG states, epoch, best score, best weights, history)
 from which a killed run resumes to the same final weights. Early stopping on val
-macro-F1; the best weights are kept. At the end it fits a temperature on the validation
-split and saves the model with :func:`multifusion.checkpoint.save_model`.
+macro-F1 (``train.patience`` > 0) keeps the best weights; without it the last ones are
+kept. At the end it fits a temperature on the validation split and saves the model with
+:func:`multifusion.checkpoint.save_model`.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DDP (nccl on CUDA, gloo on
 CPU); ``train.batch_size`` is the global batch, split evenly over the processes, and each
@@ -20,14 +21,11 @@ images as in a single process. Only rank 0 validates and writes.
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import math
-import os
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,50 +42,19 @@ from multifusion.checkpoint import (
     save_model,
     save_training_state,
     set_rng_states,
-    unwrap,
 )
-from multifusion.config import BALANCE_MODES, Config, TrainConfig  # the allowed train.balance values live with the params
+from multifusion.config import Config, TrainConfig
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
 from multifusion.evaluate import macro_scores, predict_logits
+from multifusion.optim import adamw, optimizer_step, warmup_cosine
+from multifusion.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
 from multifusion.text.features import TextFeatures
+from multifusion.training_log import close_live, epoch_row, log_row, open_live
 
+if TYPE_CHECKING:
+    from dvclive import Live
 
-@dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool            # this call initialised the process group (and tears it down)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``train.device``: auto | cpu | cuda -> a torch device (cuda:<local_rank> under DDP)."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"params.yaml: train.device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("params.yaml: train.device is cuda but no CUDA device is available; set it to auto or cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def setup_runtime(train: TrainConfig) -> Runtime:
-    """Single process, or DDP when torchrun set WORLD_SIZE > 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    device = resolve_device(train.device, local_rank)
-    if world_size <= 1:
-        return Runtime(rank=0, world_size=1, device=device, owns_group=False)
-    owns_group = not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns_group)
+StateDict = dict[str, torch.Tensor]
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -126,31 +93,147 @@ def rank_batches(order: np.ndarray, batch_size: int, rank: int, world_size: int)
     return batches
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LR multiplier per optimizer step: linear warmup to 1, then cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def adamw(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on weight matrices/kernels only (not biases, norms, tokens)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr)
-
-
 def data_key(prepared: Prepared) -> str:
     """A short hash of what the run trains on (labels, splits, image shape, content hashes)."""
     cols = [c for c in ("sha256", "label", "split") if c in prepared.manifest.columns]
     text = prepared.manifest[cols].to_csv(index=False) + str(prepared.images.shape)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cpu_copy(state: StateDict) -> StateDict:
+    """A detached CPU copy of a state dict (later steps leave it unchanged)."""
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+@dataclass
+class TrainingRun:
+    """What one call of :func:`fit` trains with, set up once before the first epoch."""
+
+    cfg: Config
+    runtime: Runtime
+    prepared: Prepared
+    train_set: SplitDataset
+    val_indices: np.ndarray
+    model: nn.Module                 # the plain module: validated, checkpointed and saved
+    train_model: nn.Module           # what the steps run: the model, DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    fingerprint: str                 # what a checkpoint must match to be resumed
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prepared.classes)
+
+
+@dataclass
+class Progress:
+    """Where the run stands after its last finished epoch; saved in every checkpoint."""
+
+    next_epoch: int = 0
+    best_f1: float = -1.0
+    since_best: int = 0
+    stopped: bool = False            # early stopping ended the run
+    best_state: StateDict | None = None  # the best weights so far (early stopping only)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def note_validation(self, val_f1: float, model: nn.Module, patience: int) -> None:
+        """Track the best val macro-F1; copy the weights only where early stopping may need them."""
+        if val_f1 > self.best_f1:
+            self.best_f1, self.since_best = val_f1, 0
+            if patience > 0:
+                self.best_state = cpu_copy(model.state_dict())
+        else:
+            self.since_best += 1
+        self.stopped = 0 < patience <= self.since_best
+
+
+def load_splits(prepared_dir: str | Path) -> tuple[Prepared, SplitDataset, np.ndarray]:
+    """The prepared data, its train split as a dataset and its val indices (both non-empty)."""
+    prepared = load_prepared(prepared_dir)
+    train_set = SplitDataset(prepared, "train")
+    val_indices = prepared.split_indices("val")
+    if len(train_set) == 0 or len(val_indices) == 0:
+        raise ValueError(f"{prepared_dir}: train and val splits must both be non-empty; check data.split in params.yaml")
+    return prepared, train_set, val_indices
+
+
+def for_training(model: nn.Module, runtime: Runtime, compile_model: bool) -> nn.Module:
+    """The module the steps run: ``model`` under DDP when distributed, compiled on request."""
+    train_model = model
+    if runtime.world_size > 1:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if compile_model:
+        train_model = torch.compile(train_model)
+    return train_model
+
+
+def loss_function(train: TrainConfig, targets: np.ndarray, num_classes: int, device: torch.device) -> nn.Module:
+    """Cross-entropy with label smoothing, class-weighted when ``train.balance`` is loss."""
+    weights = class_weights(targets, num_classes) if train.balance == "loss" else None
+    return nn.CrossEntropyLoss(
+        weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+        label_smoothing=train.label_smoothing,
+    )
+
+
+def start_run(model: nn.Module, cfg: Config, prepared_dir: str | Path, model_name: str) -> TrainingRun:
+    """Runtime (device, DDP), seeds, data, optimizer, schedule and loss of a fresh run."""
+    train = cfg.train
+    runtime = setup_runtime(train.device, "train.device")
+    seed_everything(cfg.seed + runtime.rank)
+    prepared, train_set, val_indices = load_splits(prepared_dir)
+    model = model.to(runtime.device)
+    train_model = for_training(model, runtime, train.compile)
+    steps_per_epoch = len(rank_batches(np.arange(len(train_set)), train.batch_size, 0, runtime.world_size))
+    optimizer = adamw(model, train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(train.warmup_epochs * steps_per_epoch, train.epochs * steps_per_epoch)
+    )
+    criterion = loss_function(train, train_set.targets, len(prepared.classes), runtime.device)
+    fingerprint = run_fingerprint(cfg, model_name, model.state_dict(), data_key(prepared), runtime.world_size)
+    return TrainingRun(cfg, runtime, prepared, train_set, val_indices, model, train_model, optimizer, scheduler, criterion, fingerprint)
+
+
+def resume(run: TrainingRun, checkpoint_dir: str | Path) -> Progress:
+    """The progress of a fresh run, or of the checkpoint in ``checkpoint_dir`` when it belongs
+    to this run (same fingerprint): weights, optimizer, schedule and RNG states restored."""
+    patience = run.cfg.train.patience
+    progress = Progress(best_state=cpu_copy(run.model.state_dict()) if patience > 0 else None)
+    state = load_training_state(checkpoint_dir, run.fingerprint)
+    if state is None:
+        return progress
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    progress = Progress(
+        next_epoch=state["epoch"] + 1, best_f1=state["best_f1"], since_best=state["since_best"], stopped=state["stopped"],
+        best_state=state["best_state"], history=state["history"],
+    )
+    if run.runtime.is_main:
+        set_rng_states(state["rng"])
+        print(f"resuming from {Path(checkpoint_dir) / 'last.pt'} after epoch {progress.next_epoch}")
+    else:
+        torch.manual_seed(run.cfg.seed + run.runtime.rank + 1000 * progress.next_epoch)
+    return progress
+
+
+def training_state(run: TrainingRun, progress: Progress, epoch: int) -> dict[str, Any]:
+    """The checkpoint after ``epoch``: everything a killed run needs to resume identically."""
+    return {
+        "fingerprint": run.fingerprint,
+        "epoch": epoch,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_states(),
+        "best_f1": progress.best_f1,
+        "since_best": progress.since_best,
+        "best_state": progress.best_state,
+        "history": progress.history,
+        "stopped": progress.stopped,
+    }
 
 
 def train_one_epoch(
@@ -174,12 +257,7 @@ def train_one_epoch(
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)                                          # (B, C)
         loss = criterion(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, model.parameters(), train.grad_clip)
         totals += torch.stack(
             [loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(), torch.tensor(float(len(y)), device=device, dtype=torch.float64)]
         )
@@ -197,45 +275,64 @@ def validate(
     labels = prepared.labels(indices)
     loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
     preds = logits.argmax(axis=1)
-    _, _, f1 = macro_scores(labels, preds, logits.shape[1])
+    _, _, f1 = macro_scores(labels, preds)
     return {"loss": loss, "acc": float((preds == labels).mean()), "macro_f1": f1}, logits
 
 
-def plot_curves(history: list[dict[str, float]]):
-    """Training curves (loss; accuracy and macro-F1) per epoch as a matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train/loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val/loss"] for h in history], label="val")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_score.plot(epochs, [h["train/acc"] for h in history], label="train acc")
-    ax_score.plot(epochs, [h["val/acc"] for h in history], label="val acc")
-    ax_score.plot(epochs, [h["val/macro_f1"] for h in history], label="val macro-F1")
-    ax_score.set_xlabel("epoch")
-    ax_score.set_ylim(0, 1)
-    ax_score.legend()
-    fig.tight_layout()
-    return fig
+def train_epoch(run: TrainingRun, epoch: int) -> tuple[float, float]:
+    """Train one epoch on this rank's shard of the epoch's order; (mean loss, accuracy)."""
+    train, runtime = run.cfg.train, run.runtime
+    order = epoch_order(run.train_set.targets, run.num_classes, train.balance, run.cfg.seed, epoch)
+    loader = DataLoader(
+        run.train_set,
+        batch_sampler=rank_batches(order, train.batch_size, runtime.rank, runtime.world_size),
+        collate_fn=collate_batch,
+        num_workers=train.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+    )
+    gen = torch.Generator(device=runtime.device).manual_seed(run.cfg.seed * 1_000_003 + epoch * 1009 + runtime.rank)
+    return train_one_epoch(run.train_model, loader, run.optimizer, run.scheduler, run.criterion, train, gen, runtime)
 
 
-def open_live(live_dir: str | Path, history: list[dict[str, float]]):
-    """A fresh dvclive run in live_dir, with the history of a resumed run replayed into it."""
-    from dvclive import Live
+def end_epoch(
+    run: TrainingRun, progress: Progress, epoch: int, train_scores: tuple[float, float], live: Live, checkpoint_dir: str | Path, started: float
+) -> None:
+    """Rank 0: validate, track the best, log, checkpoint and report the epoch (begun at ``started``)."""
+    train = run.cfg.train
+    val, _ = validate(run.model, run.prepared, run.val_indices, train.batch_size, run.runtime.device)
+    progress.note_validation(val["macro_f1"], run.model, train.patience)
+    row = epoch_row(epoch, *train_scores, val, run.scheduler.get_last_lr()[0])
+    progress.history.append(row)
+    log_row(live, row)
+    save_training_state(checkpoint_dir, training_state(run, progress, epoch))
+    print(
+        f"epoch {epoch + 1}/{train.epochs}  train loss {train_scores[0]:.4f} acc {train_scores[1]:.3f}  "
+        f"val loss {val['loss']:.4f} acc {val['acc']:.3f} macro-F1 {val['macro_f1']:.3f}  {time.perf_counter() - started:.1f}s",
+        flush=True,
+    )
 
-    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
-    for row in history:
-        for name, value in row.items():
-            if name != "epoch":
-                live.log_metric(name, value)
-        live.next_step()
-    return live
+
+def share_stopped(runtime: Runtime, stopped: bool) -> bool:
+    """Rank 0's early-stopping decision, on every rank."""
+    flag = torch.tensor([float(stopped)], device=runtime.device)
+    if runtime.world_size > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag[0])
+
+
+def finish(run: TrainingRun, progress: Progress, out_dir: str | Path, model_name: str, text: TextFeatures | None, live: Live) -> None:
+    """Rank 0: keep the best weights under early stopping, fit the temperature on val, save, close the log."""
+    cfg = run.cfg
+    if cfg.train.patience > 0:  # early stopping: the best val weights; otherwise the last ones
+        run.model.load_state_dict(progress.best_state)
+    # the temperature is fitted under the test-time policy the model is used with
+    _, val_logits = validate(run.model, run.prepared, run.val_indices, cfg.train.batch_size, run.runtime.device, cfg.evaluate.tta)
+    groups = run.prepared.manifest["group"].to_numpy()[run.val_indices]
+    calibration = calibrate_temperature(val_logits, run.prepared.labels(run.val_indices), groups)
+    temperature = calibration.temperature
+    save_model(out_dir, run.model, cfg, run.prepared.classes, text, temperature, model_name, calibration=calibration.to_dict())
+    close_live(live, progress.history, progress.best_f1, temperature)
+    print(f"best val macro-F1 {progress.best_f1:.3f}; temperature {temperature:.3f}; saved {out_dir}", flush=True)
 
 
 def fit(
@@ -248,149 +345,26 @@ def fit(
     model_name: str,
     text: TextFeatures | None = None,
 ) -> nn.Module:
-    """Train ``model`` on the train split of ``prepared_dir``; save the best to ``out_dir``.
+    """Train ``model`` on the train split of ``prepared_dir``; save it to ``out_dir``.
 
     ``text`` (the TextFeatures the model was built with, if any) is recorded in the saved
     config so :func:`multifusion.checkpoint.load_model` can rebuild the model. Returns the
-    unwrapped model holding the best weights (on rank 0; other ranks hold the last ones).
-    The fitted temperature is in ``out_dir/config.json``.
+    model holding the saved weights (on rank 0; other ranks hold the last ones). The
+    fitted temperature is in ``out_dir/config.json``.
     """
-    train = cfg.train
-    if train.balance not in BALANCE_MODES:
-        raise ValueError(f"params.yaml: train.balance must be one of {', '.join(BALANCE_MODES)}, got {train.balance!r}")
-    runtime = setup_runtime(train)
-    random.seed(cfg.seed + runtime.rank)
-    np.random.seed(cfg.seed + runtime.rank)
-    torch.manual_seed(cfg.seed + runtime.rank)
-
-    prepared = load_prepared(prepared_dir)
-    num_classes = len(prepared.classes)
-    train_set = SplitDataset(prepared, "train")
-    val_indices = prepared.split_indices("val")
-    if len(train_set) == 0 or len(val_indices) == 0:
-        raise ValueError(f"{prepared_dir}: train and val splits must both be non-empty; check data.split in params.yaml")
-
-    model = model.to(runtime.device)
-    train_model: nn.Module = model
-    if runtime.world_size > 1:
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if train.compile:
-        train_model = torch.compile(train_model)
-
-    steps_per_epoch = len(rank_batches(np.arange(len(train_set)), train.batch_size, 0, runtime.world_size))
-    optimizer = adamw(model, train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(train.warmup_epochs * steps_per_epoch, train.epochs * steps_per_epoch)
-    )
-    weights = class_weights(train_set.targets, num_classes) if train.balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(
-        weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=runtime.device),
-        label_smoothing=train.label_smoothing,
-    )
-
-    fingerprint = run_fingerprint(cfg, model_name, model.state_dict(), data_key(prepared), runtime.world_size)
-    state = load_training_state(checkpoint_dir, fingerprint)
-    start_epoch, best_f1, since_best, stopped = 0, -1.0, 0, False
-    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    history: list[dict[str, float]] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_f1, since_best = state["epoch"] + 1, state["best_f1"], state["since_best"]
-        best_state, history, stopped = state["best_state"], state["history"], state["stopped"]
-        if runtime.is_main:
-            set_rng_states(state["rng"])
-            print(f"resuming from {Path(checkpoint_dir) / 'last.pt'} after epoch {start_epoch}")
-        else:
-            torch.manual_seed(cfg.seed + runtime.rank + 1000 * start_epoch)
-
-    live = open_live(live_dir, history) if runtime.is_main else None
-    for epoch in range(start_epoch, train.epochs):
-        if stopped:
+    run = start_run(model, cfg, prepared_dir, model_name)
+    progress = resume(run, checkpoint_dir)
+    main = run.runtime.is_main
+    live = open_live(live_dir, progress.history) if main else None
+    for epoch in range(progress.next_epoch, cfg.train.epochs):
+        if progress.stopped:
             break
         started = time.perf_counter()
-        batches = rank_batches(
-            epoch_order(train_set.targets, num_classes, train.balance, cfg.seed, epoch), train.batch_size, runtime.rank, runtime.world_size
-        )
-        loader = DataLoader(
-            train_set,
-            batch_sampler=batches,
-            collate_fn=collate_batch,
-            num_workers=train.num_workers,
-            pin_memory=runtime.device.type == "cuda",
-        )
-        gen = torch.Generator(device=runtime.device).manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + runtime.rank)
-        train_loss, train_acc = train_one_epoch(train_model, loader, optimizer, scheduler, criterion, train, gen, runtime)
-        flag = torch.zeros(1, device=runtime.device)
-        if runtime.is_main:
-            val, _ = validate(model, prepared, val_indices, train.batch_size, runtime.device)
-            if val["macro_f1"] > best_f1:
-                best_f1, since_best = val["macro_f1"], 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
-            stopped = 0 < train.patience <= since_best
-            row = {
-                "epoch": epoch,
-                "train/loss": train_loss,
-                "train/acc": train_acc,
-                "val/loss": val["loss"],
-                "val/acc": val["acc"],
-                "val/macro_f1": val["macro_f1"],
-                "lr": scheduler.get_last_lr()[0],
-            }
-            history.append(row)
-            for name, value in row.items():
-                if name != "epoch":
-                    live.log_metric(name, value)
-            live.next_step()
-            save_training_state(
-                checkpoint_dir,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": rng_states(),
-                    "best_f1": best_f1,
-                    "since_best": since_best,
-                    "best_state": best_state,
-                    "history": history,
-                    "stopped": stopped,
-                },
-            )
-            seconds = time.perf_counter() - started
-            print(
-                f"epoch {epoch + 1}/{train.epochs}  train loss {train_loss:.4f} acc {train_acc:.3f}  "
-                f"val loss {val['loss']:.4f} acc {val['acc']:.3f} macro-F1 {val['macro_f1']:.3f}  {seconds:.1f}s",
-                flush=True,
-            )
-            flag[0] = float(stopped)
-        if runtime.world_size > 1:
-            dist.broadcast(flag, src=0)
-        stopped = bool(flag[0])
-
-    if runtime.is_main:
-        if train.patience > 0:  # early stopping: the best val weights; otherwise the last ones
-            model.load_state_dict(best_state)
-        # the temperature is fitted under the test-time policy the model is used with
-        _, val_logits = validate(model, prepared, val_indices, train.batch_size, runtime.device, cfg.evaluate.tta)
-        calibration = calibrate_temperature(
-            val_logits, prepared.labels(val_indices), prepared.manifest["group"].to_numpy()[val_indices]
-        )
-        temperature = calibration.temperature
-        save_model(out_dir, model, cfg, prepared.classes, text, temperature, model_name, calibration=calibration.to_dict())
-        if history:
-            live.log_image("training_curves.png", plot_curves(history))
-        live.summary["best/val_macro_f1"] = best_f1
-        live.summary["temperature"] = temperature
-        live.end()
-        print(f"best val macro-F1 {best_f1:.3f}; temperature {temperature:.3f}; saved {out_dir}", flush=True)
-    if runtime.world_size > 1:
-        dist.barrier()
-        if runtime.owns_group:
-            dist.destroy_process_group()
-    return unwrap(model)
+        train_scores = train_epoch(run, epoch)
+        if main:
+            end_epoch(run, progress, epoch, train_scores, live, checkpoint_dir, started)
+        progress.stopped = share_stopped(run.runtime, progress.stopped)
+    if main:
+        finish(run, progress, out_dir, model_name, text, live)
+    teardown_runtime(run.runtime)
+    return run.model
