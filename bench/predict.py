@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multifusion.checkpoint import load_model, save_model
 from multifusion.config import load_config
 from multifusion.data.dataset import to_model_input
 from multifusion.data.preprocess import load_micrograph
@@ -34,6 +33,7 @@ from multifusion.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline
 from multifusion.predict import predict_paths
+from multifusion.saved_model import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,10 +93,10 @@ def main() -> None:
         model_dir = Path(args.model)
         if not (model_dir / "config.json").is_file():
             model_dir = tmp_path / "hnf_untrained"
-            num_classes = 10
-            text = random_text(cfg, num_classes) if cfg.fusion.text else None
-            model = build_model(cfg, num_classes, text)
-            save_model(model_dir, model, cfg, [f"class_{i}" for i in range(num_classes)], text, 1.0, "hnf")
+            classes = [f"class_{i}" for i in range(10)]
+            text = random_text(cfg, classes) if cfg.fusion.text else None
+            model = build_model(cfg, classes, text)
+            save_model(model_dir, model, cfg, classes, text, 1.0, "hnf")
         loaded = load_model(model_dir)
         cfg_model, classes = loaded.cfg, loaded.classes
         S, batch = cfg_model.data.image_size, cfg.predict.batch_size
@@ -166,13 +166,11 @@ def timed_both(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def random_text(cfg, num_classes: int):
+def random_text(cfg, classes: list[str]):
     """Random text features of a plausible shape, for an untrained text-fused model."""
-    from multifusion.text.features import TextFeatures
+    from multifusion.text.features import random_text_features
 
-    T, L, D = num_classes * len(cfg.llm.templates), 32, cfg.text.hidden
-    return TextFeatures(torch.randn(T, L, D), torch.ones(T, L, dtype=torch.bool), torch.randn(T, D),
-                        [f"class_{i % num_classes}" for i in range(T)], ["t"] * T, [0] * T)
+    return random_text_features(classes, cfg.llm.templates, length=32, dim=cfg.text.hidden)
 
 
 if __name__ == "__main__":

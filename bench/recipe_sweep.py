@@ -64,7 +64,7 @@ def run(spec, dev):
     text = TextFeatures.load(spec["_text"]) if cfg.fusion.text else None
     torch.manual_seed(spec.get("seed", 42)); np.random.seed(spec.get("seed", 42))
     K = len(prep.classes)
-    model = build_baseline(spec["model"], K, cfg.data.image_size) if spec["model"] != "mf" else build_model(cfg, K, text)
+    model = build_baseline(spec["model"], K, cfg.data.image_size) if spec["model"] != "mf" else build_model(cfg, prep.classes, text)
     if spec.get("init") == "default":
         for name, m in model.named_modules():
             if isinstance(m, nn.Linear) and not name.startswith("embed.stem"):

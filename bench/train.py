@@ -35,30 +35,23 @@ from torch.utils.flop_counter import FlopCounterMode
 from multifusion.config import Config, load_config
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline
-from multifusion.text.features import TextFeatures
+from multifusion.text.features import TextFeatures, random_text_features
 
 NUM_CLASSES = 10
+CLASSES = [f"class{k}" for k in range(NUM_CLASSES)]
 TEXT_DIM = 384  # the token-state width of the default text LM (all-MiniLM-L6-v2)
 
 
-def random_text(cfg: Config, num_classes: int) -> TextFeatures:
-    """Text features of the shape the pipeline's embed_text stage writes (values random)."""
-    T, L, D = num_classes * len(cfg.llm.templates) * cfg.llm.samples, cfg.text.max_length, TEXT_DIM
-    lengths = torch.randint(L // 4, L + 1, (T,))
-    mask = torch.arange(L)[None, :] < lengths[:, None]  # (T, L)
-    return TextFeatures(
-        token_states=torch.randn(T, L, D),
-        attention_mask=mask,
-        sentence_embeddings=torch.randn(T, D),
-        class_names=[f"class{t % num_classes}" for t in range(T)],
-        templates=["t"] * T,
-        samples=[0] * T,
-    )
+def random_text(cfg: Config, classes: list[str]) -> TextFeatures:
+    """Text features of the shape the pipeline's embed_text stage writes (values random):
+    one description per class, template and sample, text.max_length tokens, TEXT_DIM wide."""
+    templates = [f"{t}/{s}" for t in cfg.llm.templates for s in range(cfg.llm.samples)]
+    return random_text_features(classes, templates, cfg.text.max_length, TEXT_DIM)
 
 
 def make_model(name: str, cfg: Config) -> nn.Module:
     if name == "hnf":
-        return build_model(cfg, NUM_CLASSES, random_text(cfg, NUM_CLASSES) if cfg.fusion.text else None)
+        return build_model(cfg, CLASSES, random_text(cfg, CLASSES) if cfg.fusion.text else None)
     return build_baseline(name, NUM_CLASSES, cfg.data.image_size)
 
 
@@ -128,7 +121,7 @@ def time_to_accuracy(name: str, cfg: Config, prepared_dir: str, text_dir: str | 
     torch.manual_seed(cfg.seed)
     if name == "hnf":
         text = TextFeatures.load(text_dir) if cfg.fusion.text else None
-        model = build_model(cfg, k, text)
+        model = build_model(cfg, prepared.classes, text)
     else:
         model = build_baseline(name, k, cfg.data.image_size)
     device = torch.device("cpu")

@@ -6,7 +6,7 @@ train one baseline or MultiFusion ablation exactly as `train`, score it on the t
         --live dvclive/compare/resnet18 --metrics metrics/compare/resnet18.json
 
 Writes the weights + config (models/compare/<name>/, loadable with
-multifusion.checkpoint.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
+multifusion.saved_model.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
 params, train_seconds and, with compare.robustness, shifted_top1) and dvclive curves.
 """
 

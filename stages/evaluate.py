@@ -17,13 +17,13 @@ from pathlib import Path
 from sklearn.metrics import confusion_matrix
 
 from multifusion.calibration import calibration_summary
-from multifusion.checkpoint import load_model
 from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.evaluate import evaluate_split, plot_confusion_png, write_confusion_csv
 from multifusion.json_files import write_json
 from multifusion.runtime import resolve_device
+from multifusion.saved_model import load_model
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.checkpoint import load_model
 from multifusion.cli_errors import run_stage
 from multifusion.config import load_config
 from multifusion.data.dataset import load_prepared
@@ -18,6 +17,7 @@ from multifusion.robustness import evaluate_under_shifts, robustness_table
 from multifusion.robustness_plot import plot_robustness
 from multifusion.json_files import write_json
 from multifusion.runtime import resolve_device
+from multifusion.saved_model import load_model
 
 
 def main() -> None:

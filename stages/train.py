@@ -36,7 +36,7 @@ def main() -> None:
     classes = load_prepared(args.prepared).classes
     text = TextFeatures.load(args.text) if cfg.fusion.text else None
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run (and of its checkpoint fingerprint)
-    model = build_model(cfg, len(classes), text)
+    model = build_model(cfg, classes, text)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"train: MultiFusion, {n_params:,} trainable parameters, {len(classes)} classes")
     fit(model, cfg, args.prepared, args.out, args.checkpoints, args.live, "hnf", text=text)

@@ -205,11 +205,11 @@ def test_zero_top_k_or_batch_size_is_refused(tmp_path, shots, flag):
 
 @pytest.fixture
 def model_dir(tmp_path, make_config) -> Path:
-    from multifusion.checkpoint import save_model
+    from multifusion.saved_model import save_model
     from multifusion.model import build_model
 
     cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "hnf.stem": "conv", "data.image_size": 32, "fusion.text": False})
-    save_model(tmp_path / "model", build_model(cfg, 3, None), cfg, ["A", "B", "C"], None, 1.0, "hnf")
+    save_model(tmp_path / "model", build_model(cfg, ["A", "B", "C"], None), cfg, ["A", "B", "C"], None, 1.0, "hnf")
     return tmp_path / "model"
 
 
@@ -224,8 +224,8 @@ CORRUPTIONS = {
                           lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:300])),
     "wrong shapes": ("model.safetensors", "does not match config.json: size mismatch",
                      lambda m: _edit_record(m, lambda r: r["classes"].append("D"))),
-    "missing params key": ("config.json", "missing key 'graph.k'",
-                           lambda m: _edit_record(m, lambda r: r["config"]["graph"].pop("k"))),
+    "unknown params key": ("config.json", "does not know (graph.kk)",  # a missing key takes params.yaml's value
+                           lambda m: _edit_record(m, lambda r: r["config"]["graph"].update(kk=r["config"]["graph"].pop("k")))),
     "missing entry": ("config.json", "no 'temperature' entry", lambda m: _edit_record(m, lambda r: r.pop("temperature"))),
     "broken JSON": ("config.json", "not valid JSON", lambda m: (m / "config.json").write_text('{"model_name": ')),
 }
@@ -233,7 +233,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupt_model_dir_names_file_problem_and_fix(model_dir, case):
-    from multifusion.checkpoint import ModelDirError, load_model
+    from multifusion.saved_model import ModelDirError, load_model
 
     name, problem, corrupt = CORRUPTIONS[case]
     corrupt(model_dir)
@@ -378,7 +378,7 @@ class Exploit:
 
 
 def test_training_state_loads_weights_only_and_checks_the_fingerprint(tmp_path, capsys):
-    from multifusion.checkpoint import TRAIN_STATE, load_training_state, rng_states, save_training_state
+    from multifusion.train_state import TRAIN_STATE, load_training_state, rng_states, save_training_state
 
     state = {"fingerprint": "run-a", "epoch": 3, "model": {"w": torch.ones(2)}, "rng": rng_states(),
              "history": [{"val/acc": np.float64(0.5), "lr": 0.001}], "best_f1": 0.4}

@@ -163,17 +163,17 @@ def test_every_comparison_model_builds_and_runs(make_config) -> None:
     """Each name of compare.models: its config (ablation overrides applied) builds a model
     mapping grey images to logits; unknown names are a clear error."""
     from multifusion.compare import build_variant, variant_config
-    from multifusion.text.features import TextFeatures
+    from multifusion.text.features import random_text_features
 
     cfg = make_config({"hnf.dim": 16, "hnf.layers": 2})
-    text = TextFeatures(torch.randn(6, 5, 8), torch.ones(6, 5, dtype=torch.bool), torch.randn(6, 8), ["a", "b", "c"] * 2, ["t"] * 6, [0] * 6)
+    text = random_text_features(["a", "b", "c"], length=5, dim=8)
     for name in cfg.compare.models:
         cfg_run = variant_config(cfg, name)
         for key, value in cfg.compare.ablations.get(name, {}).items():
             section, field = key.split(".")
             assert getattr(getattr(cfg_run, section), field) == value
         if name.startswith("mf_"):  # only the ablations: the full baselines are checked above
-            model = build_variant(name, cfg_run, 3, text).eval()
+            model = build_variant(name, cfg_run, ["a", "b", "c"], text).eval()
             with torch.no_grad():
                 assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)
     assert variant_config(cfg, "resnet18") == cfg

@@ -14,7 +14,6 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from multifusion.checkpoint import load_model, save_model
 from multifusion.data.dataset import load_prepared, to_model_input
 from multifusion.evaluate import (
     classification_metrics,
@@ -29,7 +28,8 @@ from multifusion.evaluate import (
 )
 from multifusion.json_files import write_json
 from multifusion.model import build_model
-from multifusion.text.features import TextFeatures
+from multifusion.saved_model import load_model, save_model
+from multifusion.text.features import TextFeatures, random_text_features
 
 
 def random_probs(n: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,19 +150,8 @@ def test_perfect_and_degenerate_cases():
         classification_metrics(np.zeros((0, 3)), np.zeros(0, int), 10)
 
 
-def tiny_text(classes: int = 3, templates: int = 2, length: int = 5, dim: int = 8, seed: int = 0) -> TextFeatures:
-    T = classes * templates
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(T, length, dtype=torch.bool)
-    mask[:, -2:] = False
-    return TextFeatures(
-        token_states=torch.randn(T, length, dim, generator=g),
-        attention_mask=mask,
-        sentence_embeddings=torch.randn(T, dim, generator=g),
-        class_names=[f"class_{c}" for c in range(classes) for _ in range(templates)],
-        templates=[f"t{t}" for _ in range(classes) for t in range(templates)],
-        samples=[0] * T,
-    )
+def tiny_text(seed: int = 0) -> TextFeatures:
+    return random_text_features(["class_0", "class_1", "class_2"], length=5, dim=8, seed=seed)
 
 
 TINY_HNF = {"data.image_size": 16, "hnf.stem": "conv", "hnf.layers": 2, "hnf.dim": 16, "hnf.heads": 2, "fusion.heads": 2, "graph.k": 4,
@@ -173,7 +162,7 @@ def test_save_load_round_trip_multifusion(make_config, make_prepared, tmp_path):
     cfg = make_config(TINY_HNF)
     text = tiny_text()
     torch.manual_seed(0)
-    model = build_model(cfg, 3, text).eval()
+    model = build_model(cfg, ["class_0", "class_1", "class_2"], text).eval()
     images = load_prepared(make_prepared()).images[:6]
     save_model(tmp_path / "hnf", model, cfg, ["class_0", "class_1", "class_2"], text, 1.7, "hnf")
     loaded = load_model(tmp_path / "hnf")
@@ -184,7 +173,7 @@ def test_save_load_round_trip_multifusion(make_config, make_prepared, tmp_path):
     np.testing.assert_array_equal(predict_probs(model, images, 4, "cpu", 1.7), predict_probs(loaded.model, images, 4, "cpu", 1.7))
     # the text features travel in the weights: a model built on other text of the same shape
     # answers differently until it loads the saved state dict
-    other = build_model(cfg, 3, tiny_text(seed=1)).eval()
+    other = build_model(cfg, ["class_0", "class_1", "class_2"], tiny_text(seed=1)).eval()
     other.load_state_dict({k: v for k, v in model.state_dict().items() if "text" not in k}, strict=False)
     with torch.no_grad():
         assert not torch.allclose(other(to_model_input(images)), model(to_model_input(images)))
@@ -226,7 +215,7 @@ def test_evaluate_stage_writes_metrics_and_plots(make_config, make_prepared, rep
     prepared = make_prepared()
     text = tiny_text()
     torch.manual_seed(0)
-    save_model(tmp_path / "hnf", build_model(cfg, 3, text), cfg, ["class_0", "class_1", "class_2"], text, 1.3, "hnf")
+    save_model(tmp_path / "hnf", build_model(cfg, ["class_0", "class_1", "class_2"], text), cfg, ["class_0", "class_1", "class_2"], text, 1.3, "hnf")
     metrics, per_class, plots = tmp_path / "metrics/eval.json", tmp_path / "metrics/per_class.json", tmp_path / "plots"
     cmd = [str(repo_root / "stages/evaluate.py"), "--model", str(tmp_path / "hnf"), "--prepared", str(prepared),
            "--metrics", str(metrics), "--per-class", str(per_class), "--plots", str(plots), "--params", str(repo_root / "params.yaml")]

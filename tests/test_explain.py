@@ -122,16 +122,15 @@ def test_input_gradient_fallback_points_at_the_only_pixels_the_model_reads():
 
 
 def test_description_attention_of_multifusion_names_the_stored_descriptions(make_config):
-    from multifusion.checkpoint import text_record
     from multifusion.model import build_model
-    from multifusion.text.features import TextFeatures
+    from multifusion.saved_model import text_record
+    from multifusion.text.features import random_text_features
 
     cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.text": True, "fusion.mode": "mha"})
     T, L = 6, 5
-    text = TextFeatures(torch.randn(T, L, cfg.text.hidden), torch.ones(T, L, dtype=torch.bool), torch.randn(T, cfg.text.hidden),
-                        ["a", "a", "b", "b", "c", "c"], ["morphology", "synthesis"] * 3, [0] * T)
+    text = random_text_features(["a", "b", "c"], ["morphology", "synthesis"], length=L, dim=cfg.text.hidden)
     torch.manual_seed(0)
-    model = build_model(cfg, 3, text).eval()
+    model = build_model(cfg, ["a", "b", "c"], text).eval()
     x, _ = quadrant_images(2, np.random.default_rng(0), quadrant=0)
     maps = explain_batch(model, x, np.array([0, 2]))
     assert maps.heat.shape == (2, S, S) and np.isfinite(maps.heat).all()
@@ -146,7 +145,7 @@ def test_description_attention_of_multifusion_names_the_stored_descriptions(make
             full = model.description_attention(to_model_input(y)).numpy()  # (3, T): the contract's call
         np.testing.assert_allclose(explainer.explain(y, np.array([0, 1, 2])).attention, full, atol=1e-5)
     assert explainer.head_verified
-    concat = build_model(make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.mode": "concat"}), 3, text)
+    concat = build_model(make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.mode": "concat"}), ["a", "b", "c"], text)
     assert explain_batch(concat.eval(), x, np.array([0, 1])).attention is None  # no cross-modal attention
 
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from multifusion.checkpoint import placeholder_text, text_record
 from multifusion.model import build_model
 from multifusion.model.patch_embed import derive_patch_sizes
-from multifusion.text.features import TextFeatures
+from multifusion.saved_model import placeholder_text, text_record
+from multifusion.text.features import TextFeatures, random_text_features
 
 # 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16, a
 # pyramid stem 8 channels wide: fast.
@@ -31,20 +31,14 @@ SMALL = {
 }
 
 
+def names(num_classes: int = 3) -> list[str]:
+    """Class names in label order, as data/prepared/classes.json lists them."""
+    return [f"c{k}" for k in range(num_classes)]
+
+
 def random_text(num_classes: int = 3, per_class: int = 2, length: int = 7, dim: int = 12, seed: int = 0) -> TextFeatures:
-    gen = torch.Generator().manual_seed(seed)
-    T = num_classes * per_class
-    mask = torch.zeros(T, length, dtype=torch.bool)
-    for t in range(T):
-        mask[t, : 2 + t % (length - 2)] = True
-    return TextFeatures(
-        token_states=torch.randn(T, length, dim, generator=gen),
-        attention_mask=mask,
-        sentence_embeddings=torch.randn(T, dim, generator=gen),
-        class_names=[f"c{t // per_class}" for t in range(T)],
-        templates=[f"t{t % per_class}" for t in range(T)],
-        samples=[0] * T,
-    )
+    """Random description features of classes ``names(num_classes)``."""
+    return random_text_features(names(num_classes), [f"t{i}" for i in range(per_class)], length, dim, seed)
 
 
 def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -82,11 +76,11 @@ def test_non_dividing_patch_size_is_a_clear_error(make_config):
     # params.yaml is checked against the patch grid when it is loaded (ConfigError, a ValueError)
     conv = {"hnf.stem": "conv"}
     with pytest.raises(ValueError, match=r"hnf.patch_sizes: patch size 12 does not divide data.image_size 64"):
-        build_model(make_config(conv | {"hnf.patch_sizes": [12, 8, 4]}), 3, random_text())
+        build_model(make_config(conv | {"hnf.patch_sizes": [12, 8, 4]}), names(3), random_text())
     with pytest.raises(ValueError, match=r"data.image_size 60 .* hnf.layers=3"):
-        build_model(make_config(conv | {"data.image_size": 60}), 3, random_text())
+        build_model(make_config(conv | {"data.image_size": 60}), names(3), random_text())
     with pytest.raises(ValueError, match="hnf.patch_sizes has 2 entries but hnf.layers is 3"):
-        build_model(make_config(conv | {"hnf.patch_sizes": [16, 8]}), 3, random_text())
+        build_model(make_config(conv | {"hnf.patch_sizes": [16, 8]}), names(3), random_text())
 
 
 COMBOS = list(itertools.product(["ode", "transformer", "none"], [True, False], ["off", "mha", "concat"]))
@@ -100,7 +94,7 @@ def test_every_switch_combination_trains(make_config, encoder, graph, text_mode)
     if text_mode != "off":
         overrides["fusion.mode"] = text_mode
     cfg = make_config(overrides)
-    model = build_model(cfg, 3, random_text() if cfg.fusion.text else None)
+    model = build_model(cfg, names(3), random_text() if cfg.fusion.text else None)
     assert (model.text is None) == (text_mode == "off")
     assert_trains(model, images(4, 32), 3)
 
@@ -109,7 +103,7 @@ def test_every_switch_combination_trains(make_config, encoder, graph, text_mode)
 def test_layers_one_to_four_with_default_params(make_config, layers):
     torch.manual_seed(0)
     cfg = make_config({"hnf.layers": layers, "hnf.dropout": 0.0})
-    model = build_model(cfg, 10, random_text(num_classes=10))
+    model = build_model(cfg, names(10), random_text(num_classes=10))
     assert len(model.layers) == layers
     tokens = layers + int(cfg.hnf.global_token)  # h_fus of every layer, then the global token
     assert model.forward_features(images(2, 64)).shape == (2, tokens, cfg.hnf.dim)
@@ -122,7 +116,7 @@ def test_default_model_is_the_size_of_its_resnet18_baseline(make_config):
     from multifusion.model.baselines import build_baseline
 
     cfg = make_config()
-    model = build_model(cfg, 10, random_text(num_classes=10, dim=384))
+    model = build_model(cfg, names(10), random_text(num_classes=10, dim=384))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     baseline = sum(p.numel() for p in build_baseline("resnet18", 10, cfg.data.image_size).parameters())
     assert baseline < trainable < 1.1 * baseline
@@ -132,7 +126,7 @@ def test_ode_options_dopri5_and_adjoint_run(make_config):
     for ode in ({"hnf.ode.solver": "dopri5"}, {"hnf.ode.adjoint": True}, {"hnf.ode.solver": "dopri5", "hnf.ode.adjoint": True}):
         torch.manual_seed(0)
         cfg = make_config(dict(SMALL, **ode, **{"hnf.layers": 1, "hnf.patch_sizes": [8]}))
-        assert_trains(build_model(cfg, 3, random_text()), images(2, 32), 3)
+        assert_trains(build_model(cfg, names(3), random_text()), images(2, 32), 3)
 
 
 def test_adjoint_gradients_match_direct_backprop(make_config):
@@ -140,7 +134,7 @@ def test_adjoint_gradients_match_direct_backprop(make_config):
     for adjoint in (False, True):
         torch.manual_seed(0)
         cfg = make_config(dict(SMALL, **{"hnf.layers": 1, "hnf.patch_sizes": [8], "hnf.ode.adjoint": adjoint, "hnf.ode.steps": 4}))
-        model = build_model(cfg, 3, random_text())
+        model = build_model(cfg, names(3), random_text())
         model(images(2, 32)).square().sum().backward()
         grads.append(model.layers[0].sequence.forward_field.mlp.fc1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
@@ -148,10 +142,10 @@ def test_adjoint_gradients_match_direct_backprop(make_config):
 
 def test_bad_solver_and_missing_text_are_clear_errors(make_config):
     with pytest.raises(ValueError, match="hnf.ode.solver is 'rk45'; allowed: one of rk4, euler, dopri5"):
-        build_model(make_config(dict(SMALL, **{"hnf.ode.solver": "rk45"})), 3, random_text())
+        build_model(make_config(dict(SMALL, **{"hnf.ode.solver": "rk45"})), names(3), random_text())
     with pytest.raises(ValueError, match="fusion.text is true but no text features"):
-        build_model(make_config(SMALL), 3, None)
-    model = build_model(make_config(SMALL), 3, random_text())
+        build_model(make_config(SMALL), names(3), None)
+    model = build_model(make_config(SMALL), names(3), random_text())
     with pytest.raises(ValueError, match=r"expected images \(B, 1, 32, 32\)"):
         model(torch.zeros(2, 1, 64, 64))
 
@@ -163,7 +157,7 @@ def test_no_label_leakage(make_config, mode):
     ResNet baselines do, so only permutation equivariance holds), and every image sees
     identical text."""
     torch.manual_seed(0)
-    model = build_model(make_config(dict(SMALL, **{"fusion.mode": mode})), 3, random_text())
+    model = build_model(make_config(dict(SMALL, **{"fusion.mode": mode})), names(3), random_text())
     assert list(inspect.signature(model.forward).parameters) == ["x"]
     x = images(6, 32, seed=1)
     perm = torch.tensor([5, 3, 0, 1, 4, 2])
@@ -196,7 +190,7 @@ def test_no_label_leakage(make_config, mode):
 def test_tiny_batch_overfits(make_config):
     torch.manual_seed(0)
     cfg = make_config(dict(SMALL, **{"hnf.dim": 32}))
-    model = build_model(cfg, 4, random_text(num_classes=4))
+    model = build_model(cfg, names(4), random_text(num_classes=4))
     x = images(8, 32, seed=2)
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -214,7 +208,7 @@ def test_text_buffers_travel_in_the_state_dict(make_config, tmp_path):
     torch.manual_seed(0)
     cfg = make_config(SMALL)
     text = random_text()
-    model = build_model(cfg, 3, text).eval()
+    model = build_model(cfg, names(3), text).eval()
     state = model.state_dict()
     assert torch.equal(state["text.token_states"], text.token_states)
     assert torch.equal(state["text.attention_mask"], text.attention_mask)
@@ -222,7 +216,7 @@ def test_text_buffers_travel_in_the_state_dict(make_config, tmp_path):
     assert "text.token_states" not in trainable and "text.attention_mask" not in trainable
 
     save_file(state, str(tmp_path / "model.safetensors"))
-    rebuilt = build_model(cfg, 3, placeholder_text(text_record(text))).eval()
+    rebuilt = build_model(cfg, names(3), placeholder_text(text_record(text))).eval()
     rebuilt.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
     x = images(3, 32)
     with torch.no_grad():
@@ -234,7 +228,7 @@ def test_each_layer_is_seeded_by_the_one_below(make_config):
     must change its output (and so the logits), for the sequence and the graph branch alike."""
     torch.manual_seed(0)
     for branch in ({"hnf.graph": False}, {"hnf.sequence_encoder": "none"}):
-        model = build_model(make_config(dict(SMALL, **branch)), 3, random_text()).eval()
+        model = build_model(make_config(dict(SMALL, **branch)), names(3), random_text()).eval()
         x = images(4, 32, seed=3)
         with torch.no_grad():
             seeded = model(x)
@@ -243,3 +237,34 @@ def test_each_layer_is_seeded_by_the_one_below(make_config):
             upper.forward = lambda tokens, seed: original(tokens, torch.zeros_like(seed))
             unseeded = model(x)
         assert not torch.allclose(seeded, unseeded, atol=1e-4), f"layer 2 ignores its seed ({branch})"
+
+
+def test_descriptions_are_matched_to_labels_by_class_name(make_config):
+    """Each description's label is its class name's index in classes.json order, whatever order
+    the descriptions come in: shuffled descriptions give the same labels and the same logits."""
+    from multifusion.model import description_classes
+
+    text = random_text()  # descriptions of c0, c0, c1, c1, c2, c2
+    classes = ["c2", "c0", "c1"]  # label order differs from the descriptions' order of appearance
+    assert description_classes(text, classes).tolist() == [1, 1, 2, 2, 0, 0]
+    perm = [3, 5, 0, 4, 1, 2]
+    shuffled = TextFeatures(text.token_states[perm], text.attention_mask[perm], [text.class_names[i] for i in perm],
+                            [text.templates[i] for i in perm], [text.samples[i] for i in perm])
+    assert description_classes(shuffled, classes).tolist() == description_classes(text, classes)[perm].tolist()
+    cfg, x = make_config(SMALL), images(3, 32)
+    logits = []
+    for features in (text, shuffled):
+        torch.manual_seed(0)  # the same weights: only the order of the description buffers differs
+        with torch.no_grad():
+            logits.append(build_model(cfg, classes, features).eval()(x))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_descriptions_of_other_classes_are_a_one_line_error(make_config):
+    from multifusion.model import description_classes
+
+    with pytest.raises(ValueError, match=r"no description of 'c3'; descriptions of classes the data does not have: 'c2'\); "
+                                         r"re-run `dvc repro describe embed_text`"):
+        description_classes(random_text(), ["c0", "c1", "c3"])
+    with pytest.raises(ValueError, match=r"no description of 'c3'\)"):
+        build_model(make_config(SMALL), names(4), random_text())

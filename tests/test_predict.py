@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from multifusion.checkpoint import save_model
 from multifusion.cli import app
 from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.predict import expand_inputs, predict_paths
+from multifusion.saved_model import save_model
 
 CLASSES = ["Fibres", "Particles", "Powder"]
 TEMPERATURE = 1.7
@@ -35,7 +35,7 @@ def micrograph(seed: int, width: int = 120, height: int = 90) -> np.ndarray:
 @pytest.fixture
 def model_dir(tmp_path, make_config) -> Path:
     cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "data.image_size": 32, "fusion.text": False})
-    model = build_model(cfg, len(CLASSES), None)
+    model = build_model(cfg, CLASSES, None)
     save_model(tmp_path / "model", model, cfg, CLASSES, None, TEMPERATURE, "hnf")
     return tmp_path / "model"
 
@@ -88,7 +88,7 @@ def test_folder_with_bad_files_gives_a_row_each(model_dir, folder, tmp_path):
 
 
 def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
-    from multifusion.checkpoint import load_model
+    from multifusion.saved_model import load_model
 
     loaded = load_model(model_dir)
     assert loaded.temperature == TEMPERATURE

@@ -13,7 +13,7 @@ from multifusion.data.dataset import load_prepared
 from multifusion.data.prepare import prepare_dataset
 from multifusion.evaluate import predict_logits
 from multifusion.model import build_model
-from multifusion.text.features import TextFeatures
+from multifusion.text.features import random_text_features
 from multifusion.train import fit
 
 FIXTURES = "tests/fixtures/ncm_recipe"
@@ -23,28 +23,14 @@ TINY = {"data.image_size": 32, "data.workers": 1, "hnf.stem_width": 16, "train.b
 MIN_TRAIN_ACCURACY = 0.7  # measured 0.85 here (2026-11-29, 30 epochs x 6 steps); chance is 0.33
 
 
-def description_features(classes: list[str], dim: int = 384, per_class: int = 2) -> TextFeatures:
-    """Stand-in text features of the real width (their content is not what this test checks)."""
-    gen = torch.Generator().manual_seed(0)
-    T = len(classes) * per_class
-    return TextFeatures(
-        token_states=torch.randn(T, 6, dim, generator=gen),
-        attention_mask=torch.ones(T, 6, dtype=torch.bool),
-        sentence_embeddings=torch.randn(T, dim, generator=gen),
-        class_names=[c for c in classes for _ in range(per_class)],
-        templates=[f"t{i}" for _ in classes for i in range(per_class)],
-        samples=[0] * T,
-    )
-
-
 def test_default_recipe_fits_real_micrographs(make_config, repo_root, tmp_path):
     torch.set_num_threads(2)
     cfg = make_config(TINY)
     prepare_dataset(repo_root / FIXTURES, tmp_path / "prepared", cfg.data, cfg.seed, progress=False)
     prepared = load_prepared(tmp_path / "prepared")
-    text = description_features(prepared.classes)
+    text = random_text_features(prepared.classes, length=6, dim=384)  # the real width; content is not what this checks
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(prepared.classes), text)
+    model = build_model(cfg, prepared.classes, text)
     model = fit(model, cfg, tmp_path / "prepared", tmp_path / "model", tmp_path / "ckpt", tmp_path / "live", "hnf", text=text)
     train = prepared.split_indices("train")
     logits = predict_logits(model, prepared.images[train], 64, "cpu", cfg.evaluate.tta)

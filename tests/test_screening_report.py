@@ -19,11 +19,11 @@ from PIL import Image
 from test_predict import BAD, GOOD, folder  # noqa: F401 -- the shared folder of good and bad files
 from typer.testing import CliRunner
 
-from multifusion.checkpoint import save_model
 from multifusion.cli import app
 from multifusion.model import build_model
 from multifusion.predict import predict_paths
-from multifusion.text.features import TextFeatures
+from multifusion.saved_model import save_model
+from multifusion.text.features import random_text_features
 
 CLASSES = ["Fibres", "Particles", "Powder"]
 S = 32
@@ -34,11 +34,10 @@ ROW = re.compile(r'<tr class="[^"]*" data-i="(\d+)" data-status="(\w+)" data-cls
 def text_model(tmp_path, make_config) -> Path:
     """A small text-fused MultiFusion (random description features) saved as predict loads it."""
     cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.text": True, "fusion.mode": "mha"})
-    T, L = 2 * len(CLASSES), 4
+    L = 4  # tokens per description
     torch.manual_seed(0)
-    text = TextFeatures(torch.randn(T, L, cfg.text.hidden), torch.ones(T, L, dtype=torch.bool), torch.randn(T, cfg.text.hidden),
-                        [c for c in CLASSES for _ in range(2)], ["morphology", "distinguish"] * len(CLASSES), [0] * T)
-    save_model(tmp_path / "model", build_model(cfg, len(CLASSES), text), cfg, CLASSES, text, 1.5, "hnf")
+    text = random_text_features(CLASSES, ["morphology", "distinguish"], length=L, dim=cfg.text.hidden)
+    save_model(tmp_path / "model", build_model(cfg, CLASSES, text), cfg, CLASSES, text, 1.5, "hnf")
     return tmp_path / "model"
 
 

@@ -43,10 +43,10 @@ def patchify(x: np.ndarray, p: int) -> np.ndarray:
 
 
 def test_linear_stem_is_a_patchify_and_linear_map_and_trains(make_config):
-    from test_model_hnf import assert_trains, random_text
+    from test_model_hnf import assert_trains, names, random_text
 
     torch.manual_seed(0)
-    model = build_model(make_config(LINEAR), 3, random_text())
+    model = build_model(make_config(LINEAR), names(3), random_text())
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens, pooled = model.embed(x)
     assert pooled is None and model.global_proj is None  # no backbone: no global token

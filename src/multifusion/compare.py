@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from multifusion.checkpoint import load_model
 from multifusion.config import Config, apply_overrides, config_from_dict
 from multifusion.data.dataset import load_prepared
 from multifusion.evaluate import evaluate_split
@@ -29,6 +28,7 @@ from multifusion.json_files import write_json
 from multifusion.model import build_model
 from multifusion.model.baselines import BASELINES, build_baseline
 from multifusion.runtime import resolve_device
+from multifusion.saved_model import load_model
 from multifusion.text.features import TextFeatures
 from multifusion.train import fit
 
@@ -46,11 +46,11 @@ def variant_config(cfg: Config, name: str) -> Config:
     return config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)))
 
 
-def build_variant(name: str, cfg_run: Config, num_classes: int, text: TextFeatures | None) -> nn.Module:
+def build_variant(name: str, cfg_run: Config, classes: list[str], text: TextFeatures | None) -> nn.Module:
     """A baseline (1 input channel, at data.image_size) or MultiFusion under ``cfg_run``."""
     if name in BASELINES:
-        return build_baseline(name, num_classes, cfg_run.data.image_size)
-    return build_model(cfg_run, num_classes, text if cfg_run.fusion.text else None)
+        return build_baseline(name, len(classes), cfg_run.data.image_size)
+    return build_model(cfg_run, classes, text if cfg_run.fusion.text else None)
 
 
 def mean_shifted_top1(result: dict[str, Any]) -> float:
@@ -75,7 +75,7 @@ def run_comparison(
     prepared = load_prepared(prepared_dir)
     text = TextFeatures.load(text_dir) if name not in BASELINES and cfg_run.fusion.text else None
     torch.manual_seed(cfg_run.seed)  # the initial weights are part of the run, as in `train`
-    model = build_variant(name, cfg_run, len(prepared.classes), text)
+    model = build_variant(name, cfg_run, prepared.classes, text)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     started = time.perf_counter()

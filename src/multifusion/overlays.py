@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multifusion.checkpoint import load_model
 from multifusion.evaluate import predict_probs
 from multifusion.explain import Explainer, overlay, saved_text_record, top_descriptions
 from multifusion.predict import expand_inputs, read_one
+from multifusion.saved_model import load_model
 from multifusion.screening_report import ATTENDED
 
 COLUMNS = ["path", "overlay", "class", "probability", "method", "attended", "error"]

@@ -33,12 +33,12 @@ import torch
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from multifusion.checkpoint import CONFIG, load_model, model_config, read_record
 from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.decode import ImageError
 from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
+from multifusion.saved_model import CONFIG, load_model, model_config, read_record
 from multifusion.screening_report import ScreeningReport
 from multifusion.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs
 

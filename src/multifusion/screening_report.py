@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.checkpoint import LoadedModel
 from multifusion.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
+from multifusion.saved_model import LoadedModel
 
 ATTENDED = 3  # descriptions listed per image
 

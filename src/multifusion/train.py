@@ -1,6 +1,6 @@
 """The training loop, generic over any ``nn.Module`` mapping (B, 1, S, S) -> logits (B, C).
 
-    model = build_model(cfg, num_classes, text)            # or build_baseline(...)
+    model = build_model(cfg, classes, text)                # or build_baseline(...)
     model = fit(model, cfg, "data/prepared", "models/hnf", "checkpoints/train", "dvclive/train", "hnf", text=text)
 
 What it does: AdamW (weight decay on matrices only), linear warmup then cosine decay per
@@ -11,7 +11,7 @@ epoch it validates (loss, accuracy, macro-F1), logs to dvclive and writes a chec
 from which a killed run resumes to the same final weights. Early stopping on val
 macro-F1 (``train.patience`` > 0) keeps the best weights; without it the last ones are
 kept. At the end it fits a temperature on the validation split and saves the model with
-:func:`multifusion.checkpoint.save_model`.
+:func:`multifusion.saved_model.save_model`.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DDP (nccl on CUDA, gloo on
 CPU); ``train.batch_size`` is the global batch, split evenly over the processes, and each
@@ -35,20 +35,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from multifusion.calibration import calibrate_temperature
-from multifusion.checkpoint import (
-    load_training_state,
-    rng_states,
-    run_fingerprint,
-    save_model,
-    save_training_state,
-    set_rng_states,
-)
 from multifusion.config import Config, TrainConfig
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
 from multifusion.evaluate import macro_scores, predict_logits
 from multifusion.optim import adamw, optimizer_step, warmup_cosine
 from multifusion.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
+from multifusion.saved_model import save_model
 from multifusion.text.features import TextFeatures
+from multifusion.train_state import load_training_state, rng_states, run_fingerprint, save_training_state, set_rng_states
 from multifusion.training_log import close_live, epoch_row, log_row, open_live
 
 if TYPE_CHECKING:
@@ -348,7 +342,7 @@ def fit(
     """Train ``model`` on the train split of ``prepared_dir``; save it to ``out_dir``.
 
     ``text`` (the TextFeatures the model was built with, if any) is recorded in the saved
-    config so :func:`multifusion.checkpoint.load_model` can rebuild the model. Returns the
+    config so :func:`multifusion.saved_model.load_model` can rebuild the model. Returns the
     model holding the saved weights (on rank 0; other ranks hold the last ones). The
     fitted temperature is in ``out_dir/config.json``.
     """

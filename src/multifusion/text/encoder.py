@@ -3,8 +3,8 @@
 The encoder is ``Transformer`` (the LM's last hidden states) + mean ``Pooling``, saved
 without a model card so that saving never reaches the hub; ``SentenceTransformer(dir)``
 loads it offline. :func:`text_features` runs every description through that same
-encoder and keeps, per description, the token states the classifier attention-pools,
-the attention mask and the mean-pooled sentence embedding.
+encoder and keeps, per description, the token states the classifier attention-pools
+and the attention mask.
 """
 
 from __future__ import annotations
@@ -51,18 +51,16 @@ def text_features(encoder: SentenceTransformer, descriptions: pd.DataFrame, batc
     texts = descriptions["description"].astype(str).tolist()
     inputs = encoder.preprocess(texts)                                   # input_ids, attention_mask: (T, L)
     T = len(texts)
-    token_states, sentence_embeddings = [], []
+    token_states = []
     for start in range(0, T, batch_size):
         chunk = {k: v[start : start + batch_size] if torch.is_tensor(v) else v for k, v in inputs.items()}
         out = encoder(chunk)
         token_states.append(out["token_embeddings"].float())              # (b, L, D)
-        sentence_embeddings.append(out["sentence_embedding"].float())     # (b, D)
     attention_mask = inputs["attention_mask"].bool()                      # (T, L)
     states = torch.cat(token_states) * attention_mask[..., None]          # (T, L, D), zeros at padding
     return TextFeatures(
         token_states=states,
         attention_mask=attention_mask,
-        sentence_embeddings=torch.cat(sentence_embeddings),              # (T, D)
         class_names=descriptions["class_name"].astype(str).tolist(),
         templates=descriptions["template"].astype(str).tolist(),
         samples=descriptions["sample"].astype(int).tolist(),
