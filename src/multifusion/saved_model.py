@@ -40,6 +40,7 @@ from safetensors.torch import save_model as st_save_model
 
 from multifusion.cli_errors import UserError, one_line
 from multifusion.config import Config, ConfigError, config_from_dict
+from multifusion.json_files import write_json
 from multifusion.text.features import TextFeatures
 
 WEIGHTS = "model.safetensors"
@@ -125,7 +126,7 @@ def save_model(
     }
     if calibration is not None:
         record["calibration"] = calibration
-    (out_dir / CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out_dir / CONFIG, record)
 
 
 def build_from_record(record: dict[str, Any], cfg: Config) -> nn.Module:
