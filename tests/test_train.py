@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from multifusion.data.dataset import SplitDataset, augment_batch, load_prepared, to_model_input
 from multifusion.optim import optimizer_step, warmup_cosine, warmup_linear
-from multifusion.train import epoch_order, fit, rank_batches
+from multifusion.train import epoch_order, rank_batches
 from multifusion.train_state import TRAIN_STATE
 
 # A tiny model and a command line around fit(), run in subprocesses (kill, DDP) and
