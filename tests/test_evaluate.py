@@ -211,24 +211,44 @@ def test_predict_probs_applies_temperature(make_prepared):
 
 
 def test_evaluate_stage_writes_metrics_and_plots(make_config, make_prepared, repo_root, tmp_path, monkeypatch):
-    cfg = make_config(TINY_HNF)
-    prepared = make_prepared()
-    text = tiny_text()
+    """The stage's figures, recomputed here: the saved model's test-split logits under the
+    test-time policy of params.yaml, then scikit-learn's top-k / P / R / F1 / log-loss and the
+    reference ECE of softmax(logits / T) with the saved T (1.0 for the uncalibrated ones)."""
+    from scipy.special import softmax as scipy_softmax
+    from sklearn.metrics import log_loss, precision_recall_fscore_support, top_k_accuracy_score
+
+    from multifusion.evaluate import predict_logits
+
+    cfg, classes = make_config(TINY_HNF), [f"class_{c}" for c in range(5)]
+    prepared = make_prepared(classes=5)
+    text = random_text_features(classes, length=5, dim=8)
     torch.manual_seed(0)
-    save_model(tmp_path / "hnf", build_model(cfg, ["class_0", "class_1", "class_2"], text), cfg, ["class_0", "class_1", "class_2"], text, 1.3, "hnf")
+    model = build_model(cfg, classes, text).eval()
+    save_model(tmp_path / "hnf", model, cfg, classes, text, 1.3, "hnf")
     metrics, per_class, plots = tmp_path / "metrics/eval.json", tmp_path / "metrics/per_class.json", tmp_path / "plots"
     cmd = [str(repo_root / "stages/evaluate.py"), "--model", str(tmp_path / "hnf"), "--prepared", str(prepared),
            "--metrics", str(metrics), "--per-class", str(per_class), "--plots", str(plots), "--params", str(repo_root / "params.yaml")]
     monkeypatch.setattr(sys, "argv", cmd)
     runpy.run_path(cmd[0], run_name="__main__")
     m = json.loads(metrics.read_text())
-    for key in ("top1", "top2", "top3", "top5", "macro_precision", "macro_recall", "macro_f1", "ece",
-                "ece_uncalibrated", "nll", "nll_uncalibrated", "temperature"):
-        assert np.isfinite(m[key]), key
-    assert m["temperature"] == 1.3 and m["n"] == 12 and m["top3"] == 1.0
+
+    data = load_prepared(prepared)
+    test = data.split_indices("test")
+    labels, logits = data.labels(test), predict_logits(model, data.images[test], 4, "cpu", cfg.evaluate.tta)  # (N,), (N, 5)
+    probs, raw = scipy_softmax(logits.astype(np.float64) / 1.3, axis=1), scipy_softmax(logits.astype(np.float64), axis=1)
+    p, r, f, _ = precision_recall_fscore_support(labels, probs.argmax(1), average="macro", zero_division=0)
+    expected = {f"top{k}": top_k_accuracy_score(labels, probs, k=k, labels=np.arange(5)) for k in (1, 2, 3)}
+    expected |= {"macro_precision": p, "macro_recall": r, "macro_f1": f, "n": len(test), "temperature": 1.3,
+                 "ece": ece_reference(probs, labels, cfg.evaluate.ece_bins), "nll": log_loss(labels, probs, labels=np.arange(5)),
+                 "ece_uncalibrated": ece_reference(raw, labels, cfg.evaluate.ece_bins),
+                 "nll_uncalibrated": log_loss(labels, raw, labels=np.arange(5))}
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert m["nll"] != pytest.approx(m["nll_uncalibrated"], rel=1e-3)  # the temperature is applied, not only recorded
     assert m["temperature_fitted"] is None and m["temperature_reason"].startswith("not recorded")  # saved without a fit record
-    assert set(json.loads(per_class.read_text())) == {"class_0", "class_1", "class_2"}
-    assert len((plots / "confusion.csv").read_text().strip().splitlines()) == 13
+    assert set(json.loads(per_class.read_text())) == set(classes)
+    rows = (plots / "confusion.csv").read_text().strip().splitlines()[1:]
+    assert rows == [f"{classes[a]},{classes[b]}" for a, b in zip(labels, probs.argmax(1))]
     assert (plots / "confusion.png").is_file()
 
 
