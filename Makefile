@@ -29,6 +29,8 @@ THREADS ?= 1
 run: install
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV)/bin/dvc repro
 
+# The default suite: every test not marked slow (pyproject.toml), one end-to-end smoke run of the
+# pipeline among them; test-all adds the slow ones (see README, "Tests").
 test: install
 	$(VENV)/bin/pytest
 

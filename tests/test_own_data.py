@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 from PIL import Image
 from test_pipeline import _run, make_tiny_repo
@@ -30,6 +31,7 @@ def own_folder(root: Path, per_class: int = 10, size: int = 40) -> Path:
     return root
 
 
+@pytest.mark.slow  # a whole `dvc exp run` (test_pipeline keeps one end-to-end smoke in the default suite)
 def test_own_data_first_run_without_llm_and_without_synthesis(tmp_path, repo_root):
     repo = make_tiny_repo(tmp_path, repo_root)
     synthesize_lock = repo / "synthesize" / "dvc.lock"  # the committed default run's, if copied
