@@ -6,8 +6,8 @@
 Inputs are files, folders (walked recursively; hidden files skipped) and glob patterns.
 Every image goes through ``multifusion.data.preprocess.load_micrograph`` with the data
 section stored in the model's config.json: the very preprocessing of training (grey,
-info-bar crop, square, resize). Decoding runs in a thread pool one batch ahead of
-inference. Probabilities are calibrated by the temperature saved with the model.
+info-bar crop, square, resize). Decoding runs on worker processes ahead of inference
+(``multifusion.data.parallel``). Probabilities are calibrated by the temperature saved with the model.
 
 The CSV holds one row per input file, in input order: ``path, status`` (ok | error),
 ``top1_class, top1_prob, ... topK_class, topK_prob, uncertain`` (top-1 probability below
@@ -21,21 +21,20 @@ from __future__ import annotations
 import glob
 import heapq
 import os
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from multifusion.config import DataConfig, PredictConfig, load_config
 from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.decode import ImageError
+from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluate import predict_probs
 from multifusion.saved_model import CONFIG, load_model, model_config, read_record
@@ -102,24 +101,57 @@ def read_one(path: Path, data: DataConfig) -> tuple[np.ndarray | None, str | Non
 def decode_batches(
     items: list[tuple[Path, str | None]], data: DataConfig, batch_size: int, workers: int
 ) -> Iterator[list[tuple[Path, np.ndarray | None, str | None]]]:
-    """Yield batches of (path, image or None, problem or None), decoding one batch ahead."""
-    workers = workers if workers > 0 else (os.cpu_count() or 1)
-    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    """Yield batches of (path, image or None, problem or None), in input order. Decoding runs
+    on the package's one parallel map (worker processes, BLAS at one thread each), which
+    keeps decoding ahead of the batch being classified."""
+    to_read = [path for path, problem in items if problem is None]
+    decoded = parallel_map(partial(read_one, data=data), to_read, workers, progress=False, desc="decode", chunksize=8)
+    batch: list[tuple[Path, np.ndarray | None, str | None]] = []
+    for path, problem in items:
+        image, reason = next(decoded) if problem is None else (None, problem)
+        batch.append((path, image, reason))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-        def submit(batch: list[tuple[Path, str | None]]) -> list[tuple[Path, Future | None, str | None]]:
-            return [(p, None if problem else pool.submit(read_one, p, data), problem) for p, problem in batch]
 
-        pending: deque = deque(submit(b) for b in batches[:2])
-        for i in range(len(batches)):
-            current = pending.popleft()
-            if i + 2 < len(batches):
-                pending.append(submit(batches[i + 2]))
-            out = []
-            for path, future, problem in current:
-                image, reason = future.result() if future is not None else (None, problem)
-                out.append((path, image, reason))
-            yield out
+def check_arguments(device: str, top_k: int, batch_size: int, uncertain_threshold: float) -> None:
+    """One-line errors for screening options that cannot work, before any file is read."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if top_k < 1 or batch_size < 1:
+        raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
+    if not 0.0 <= uncertain_threshold <= 1.0:
+        raise ValueError(f"--threshold must be a probability in [0, 1], got {uncertain_threshold}")
+
+
+def ranked_row(path: Path, probs: np.ndarray, order: np.ndarray, classes: np.ndarray, uncertain_threshold: float) -> dict:
+    """The CSV row of one classified image: probs (C,), its top-k class indices ``order`` (k,)."""
+    row: dict = {"path": str(path), "status": "ok"}
+    for r, c in enumerate(order, start=1):
+        row[f"top{r}_class"] = classes[c]
+        row[f"top{r}_prob"] = round(float(probs[c]), 6)
+    return row | {"uncertain": bool(probs[order[0]] < uncertain_threshold), "error": ""}
+
+
+class LeastCertain:
+    """The ``size`` images with the lowest top-1 probability seen so far (a bounded heap)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.heap: list[tuple[float, int, SheetEntry]] = []  # max-heap on probability via negation
+
+    def add(self, row_index: int, entry: SheetEntry) -> None:
+        if self.size > 0:
+            heapq.heappush(self.heap, (-entry.top[0][1], -row_index, entry))
+            if len(self.heap) > self.size:
+                heapq.heappop(self.heap)  # drops the most certain
+
+    def entries(self) -> list[SheetEntry]:
+        """Lowest top-1 probability first; ties in input order."""
+        return [entry for _, _, entry in sorted(self.heap, key=lambda t: (-t[0], -t[1]))]
 
 
 def predict_paths(
@@ -139,64 +171,47 @@ def predict_paths(
 ) -> PredictionResult:
     """Classify every micrograph named by ``inputs``; write the CSV (and contact sheet).
 
-    ``workers``: decoding threads (None: the model's ``data.workers``; 0 = all cores).
+    ``workers``: decoding processes (None: the model's ``data.workers``; 0 = all cores).
     ``report``: also write the screening page (HTML with explanation overlays) there.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
-    if top_k < 1 or batch_size < 1:
-        raise ValueError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
-    if not 0.0 <= uncertain_threshold <= 1.0:
-        raise ValueError(f"--threshold must be a probability in [0, 1], got {uncertain_threshold}")
+    check_arguments(device, top_k, batch_size, uncertain_threshold)
     items = expand_inputs(inputs)
     outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE), "--report": (report, HTML_RULE)}
     check_outputs(outputs, [path for path, problem in items if problem is None])  # before any inference
     loaded = load_model(model_dir, device=device)
-    data = loaded.cfg.data
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
-
     page = None if report is None else ScreeningReport(report, model_dir, loaded, uncertain_threshold, k)
     rows: list[dict] = []
-    sheet: list[tuple[float, int, SheetEntry]] = []  # max-heap on probability via negation
-    n_read = 0
+    least_certain = LeastCertain(contact_sheet_size)
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
-    # Decoding threads run beside torch: one BLAS thread each (load_micrograph's resize is
-    # a small product; a multi-threaded BLAS per decoding thread oversubscribes the cores).
-    with threadpool_limits(limits=1, user_api="blas"):
-        for batch in decode_batches(items, data, batch_size, data.workers if workers is None else workers):
-            good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
-            probs = np.zeros((0, len(classes)))
-            if good:
-                images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-                probs = predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.cfg.evaluate.tta)  # (B, C)
-            prob_of = dict(zip(good, probs))
-            for i, (path, image, reason) in enumerate(batch):
-                row: dict = {"path": str(path), "status": "ok" if image is not None else "error"}
-                if image is None:
-                    rows.append(row | {"uncertain": "", "error": reason})  # class/prob columns stay empty
-                    continue
-                p = prob_of[i]
-                order = np.argsort(-p, kind="stable")[:k]
-                for r, c in enumerate(order, start=1):
-                    row[f"top{r}_class"] = classes[c]
-                    row[f"top{r}_prob"] = round(float(p[c]), 6)
-                row["uncertain"] = bool(p[order[0]] < uncertain_threshold)
-                row["error"] = ""
-                rows.append(row)
-                n_read += 1
-                if contact_sheet_size > 0:
-                    entry = SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order])
-                    heapq.heappush(sheet, (-float(p[order[0]]), -len(rows), entry))
-                    if len(sheet) > contact_sheet_size:
-                        heapq.heappop(sheet)  # drops the most certain
-            if page is not None:
-                page.add_batch(batch, good, rows[-len(batch):], probs, device)
-            bar.update(len(batch))
-        bar.close()
+    for batch in decode_batches(items, loaded.cfg.data, batch_size, loaded.cfg.data.workers if workers is None else workers):
+        good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
+        probs = np.zeros((0, len(classes)))
+        if good:
+            images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
+            probs = predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.cfg.evaluate.tta)  # (B, C)
+        prob_of = dict(zip(good, probs))
+        for i, (path, image, reason) in enumerate(batch):
+            if image is None:  # class/prob columns stay empty
+                rows.append({"path": str(path), "status": "error", "uncertain": "", "error": reason})
+                continue
+            p = prob_of[i]  # (C,)
+            order = np.argsort(-p, kind="stable")[:k]  # (k,)
+            rows.append(ranked_row(path, p, order, classes, uncertain_threshold))
+            least_certain.add(len(rows), SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order]))
+        if page is not None:
+            page.add_batch(batch, good, rows[-len(batch):], probs, device)
+        bar.update(len(batch))
+    bar.close()
+    return write_outputs(rows, k, least_certain.entries(), out_csv, contact_sheet, page)
 
+
+def write_outputs(rows: list[dict], k: int, least_certain: list[SheetEntry], out_csv: str | Path | None,
+                  contact_sheet: str | Path | None, page: ScreeningReport | None) -> PredictionResult:
+    """The CSV, the contact sheet and the screening page from the rows of every input."""
     table = pd.DataFrame(rows, columns=_columns(k))
-    least_certain = [entry for _, _, entry in sorted(sheet, key=lambda t: (-t[0], -t[1]))]
+    n_read = int((table["status"] == "ok").sum())
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out_csv, index=False)
