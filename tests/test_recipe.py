@@ -6,8 +6,6 @@ that starves the backbone of gradient) fails here, in CI, before any long run.""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
 from multifusion.data.dataset import load_prepared
@@ -24,9 +22,7 @@ TINY = {"data.image_size": 32, "data.workers": 1, "hnf.stem_width": 16, "train.b
 MIN_TRAIN_ACCURACY = 0.7  # measured 0.85 here (2026-11-29, 30 epochs x 6 steps); chance is 0.33
 
 
-@pytest.mark.slow  # 180 training steps of the default model; test_pipeline's smoke run checks that the recipe learns
 def test_default_recipe_fits_real_micrographs(make_config, repo_root, tmp_path):
-    torch.set_num_threads(2)
     cfg = make_config(TINY)
     prepare_dataset(repo_root / FIXTURES, tmp_path / "prepared", cfg.data, cfg.seed, progress=False)
     prepared = load_prepared(tmp_path / "prepared")
