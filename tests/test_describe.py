@@ -329,11 +329,14 @@ def test_dvc_push_pull_shares_the_cache_and_no_file_holds_the_key(server, tmp_pa
     server.api_key = secret
     team, mate, remote = tmp_path / "team", tmp_path / "mate", tmp_path / "remote"
     team.mkdir()
-    for sub in ("src/multifusion/llm", "prompts"):
-        shutil.copytree(REPO / sub, team / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    (team / "stages").mkdir()
-    (team / "stages/describe.py").write_bytes((REPO / "stages/describe.py").read_bytes())
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["describe"]
+    for dep in stage["deps"]:  # the stage's code and prompts, as dvc.yaml lists them (data is made below)
+        if not dep.startswith("data/"):
+            (team / dep).parent.mkdir(parents=True, exist_ok=True)
+            if (REPO / dep).is_dir():
+                shutil.copytree(REPO / dep, team / dep, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(REPO / dep, team / dep)
     (team / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"describe": stage}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["llm"].update(provider="openai", model="test-model", base_url=server.url, templates=["morphology", "distinguish"])
