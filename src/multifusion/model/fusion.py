@@ -97,9 +97,13 @@ class CrossModalHead(nn.Module):
         self.image_proj = nn.Linear(num_layers * dim, dim)  # image embedding for the prototype match
         self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
+    def class_one_hot(self, dtype: torch.dtype) -> torch.Tensor:
+        """(T, K): which class each description describes."""
+        return F.one_hot(self.text_classes, self.num_classes).to(dtype)
+
     def class_prototypes(self, text: torch.Tensor) -> torch.Tensor:
         """text (T, C) -> (K, C): mean embedding of each class's descriptions."""
-        one_hot = F.one_hot(self.text_classes, self.num_classes).to(text.dtype)  # (T, K)
+        one_hot = self.class_one_hot(text.dtype)  # (T, K)
         return (one_hot.t() @ text) / one_hot.sum(0).clamp(min=1).unsqueeze(1)  # (K, C)
 
     def description_attention(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -109,7 +113,10 @@ class CrossModalHead(nn.Module):
         t = self.norm_t(text).unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C)
         return self.visual_to_text.attention_weights(v, t).mean(dim=(1, 2))  # (B, T)
 
-    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def logit_terms(self, visual: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The three terms of the logits, each (B, K): ``visual`` (the classifier on the visual
+        tokens), ``descriptions`` (each class's descriptions' match with the image after
+        text-to-visual attention) and ``prototypes`` (scaled cosine to the class text prototypes)."""
         v = visual + self.layer_embed  # (B, L, C)
         t = text.unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C): identical for every image
         v_n, t_n = self.norm_v(v), self.norm_t(t)
@@ -118,12 +125,18 @@ class CrossModalHead(nn.Module):
         t = t + self.text_to_visual(t_n, keys)  # (B, T, C)
         pooled = self.drop(self.norm(v.flatten(1)))  # (B, L*C)
         match = self.match(self.drop(self.match_norm(t))).squeeze(-1)  # (B, T): each description vs this image
-        one_hot = F.one_hot(self.text_classes, self.num_classes).to(match.dtype)  # (T, K)
-        text_logits = match @ (one_hot / one_hot.sum(0).clamp(min=1))  # (B, K): mean over each class's descriptions
+        one_hot = self.class_one_hot(match.dtype)  # (T, K)
         image = F.normalize(self.image_proj(pooled), dim=-1)  # (B, C)
         prototypes = F.normalize(self.class_prototypes(text), dim=-1)  # (K, C)
-        similarity = self.logit_scale.exp() * image @ prototypes.t()  # (B, K)
-        return self.classifier(pooled) + text_logits + similarity
+        return {
+            "visual": self.classifier(pooled),
+            "descriptions": match @ (one_hot / one_hot.sum(0).clamp(min=1)),  # mean over each class's descriptions
+            "prototypes": self.logit_scale.exp() * image @ prototypes.t(),
+        }
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        terms = self.logit_terms(visual, text)
+        return terms["visual"] + terms["descriptions"] + terms["prototypes"]  # (B, K)
 
 
 class ConcatHead(nn.Module):
