@@ -9,7 +9,8 @@ The head (``fusion.mode: mha``) adds three (B, K) terms (``CrossModalHead.logit_
 descriptions' match with the image after text-to-visual attention) and ``prototypes``
 (scaled cosine to the class text prototypes). Per term the table gives its spread (the
 mean over images of the standard deviation over classes: how far it can move a decision),
-top-1 with that term alone, and top-1 of the whole logits without it. Single views (no
+its image share (the part of its variance that changes with the image; the rest is a
+per-class bias), top-1 with that term alone, and top-1 of the whole logits without it. Single views (no
 test-time averaging), so the whole-logits row is the model's one-view top-1.
 """
 
@@ -39,15 +40,23 @@ def logit_terms(model: torch.nn.Module, images_u8: np.ndarray, batch_size: int) 
     return {name: torch.cat(values).numpy() for name, values in chunks.items()}
 
 
-def usage_table(terms: dict[str, np.ndarray], labels: np.ndarray) -> list[tuple[str, float, float, float]]:
-    """(term, spread, top-1 alone, top-1 without it) per term, then ('all', spread, top-1, nan)."""
+def image_share(logits: np.ndarray) -> float:
+    """logits (N, K) -> the share of their variance that changes with the image; the rest is a
+    per-class constant (a bias, the same for every image)."""
+    per_image = float(logits.var(0).mean())  # mean over classes of the variance across images
+    per_class = float(logits.mean(0).var())  # variance across classes of the class means
+    return per_image / (per_image + per_class)
+
+
+def usage_table(terms: dict[str, np.ndarray], labels: np.ndarray) -> list[tuple[str, float, float, float, float]]:
+    """(term, spread, image share, top-1 alone, top-1 without it) per term, then the whole logits."""
     total = sum(terms.values())  # (N, K)
 
     def top1(logits: np.ndarray) -> float:
         return float((logits.argmax(1) == labels).mean())
 
-    rows = [(name, float(t.std(1).mean()), top1(t), top1(total - t)) for name, t in terms.items()]
-    return rows + [("all", float(total.std(1).mean()), top1(total), float("nan"))]
+    rows = [(name, float(t.std(1).mean()), image_share(t), top1(t), top1(total - t)) for name, t in terms.items()]
+    return rows + [("all", float(total.std(1).mean()), image_share(total), top1(total), float("nan"))]
 
 
 def main() -> None:
@@ -65,9 +74,9 @@ def main() -> None:
     idx = prepared.split_indices(args.split)
     terms = logit_terms(loaded.model, prepared.images[idx], args.batch_size)
     print(f"{args.model} on {args.prepared} ({args.split}, n={len(idx)}, single view)")
-    print(f"{'term':<14}{'spread':>8}{'top-1 alone':>13}{'top-1 without':>15}")
-    for name, spread, alone, without in usage_table(terms, prepared.labels(idx)):
-        print(f"{name:<14}{spread:>8.3f}{alone:>13.3f}{without:>15.3f}")
+    print(f"{'term':<14}{'spread':>8}{'image share':>13}{'top-1 alone':>13}{'top-1 without':>15}")
+    for name, spread, share, alone, without in usage_table(terms, prepared.labels(idx)):
+        print(f"{name:<14}{spread:>8.3f}{share:>13.3f}{alone:>13.3f}{without:>15.3f}")
 
 
 if __name__ == "__main__":

@@ -275,3 +275,33 @@ def test_descriptions_of_other_classes_are_a_one_line_error(make_config):
         description_classes(random_text(), ["c0", "c1", "c3"])
     with pytest.raises(ValueError, match=r"no description of 'c3'\)"):
         build_model(make_config(SMALL), names(4), random_text())
+
+
+def test_logit_terms_are_the_logits_and_the_bias_share_is_measured(make_config):
+    """The cross-modal head's named terms (visual, descriptions, prototypes) sum to exactly
+    its logits; bench/text_usage.py's image share is 0 for a per-class constant and 1 for
+    logits whose class means are equal (numpy reference)."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = build_model(make_config(SMALL), names(3), random_text()).eval()
+    x = images(5, 32, seed=1)
+    with torch.no_grad():
+        feats, text = model.forward_features(x), model.text_embeddings()
+        terms = model.head.logit_terms(feats, text)
+        assert set(terms) == {"visual", "descriptions", "prototypes"}
+        assert torch.equal(terms["visual"] + terms["descriptions"] + terms["prototypes"], model(x))
+    spec = importlib.util.spec_from_file_location("text_usage", Path(__file__).parents[1] / "bench/text_usage.py")
+    text_usage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text_usage)
+    bias = np.tile(np.array([[1.0, -2.0, 0.5]]), (6, 1))  # (N, K): the same for every image
+    centred = np.random.default_rng(0).normal(size=(6, 3))
+    centred -= centred.mean(0)
+    assert text_usage.image_share(bias) == 0.0
+    assert abs(text_usage.image_share(centred) - 1.0) < 1e-12
+    rows = text_usage.usage_table({"a": bias, "b": centred}, np.array([0, 1, 2, 0, 1, 2]))
+    assert [r[0] for r in rows] == ["a", "b", "all"]
+    assert rows[0][3] == 2 / 6  # the bias alone always says class 2
