@@ -179,3 +179,19 @@ def test_every_comparison_model_builds_and_runs(make_config) -> None:
     assert variant_config(cfg, "resnet18") == cfg
     with pytest.raises(ValueError, match="unknown model 'resnet101'"):
         variant_config(cfg, "resnet101")
+
+
+def test_a_model_recipe_sets_its_optimiser_and_never_the_budget(make_config) -> None:
+    """compare.recipes: the named model trains with its own train.* optimiser keys, every
+    other model with the shared ones; a recipe touching the budget is a one-line error."""
+    from multifusion.compare import variant_config
+
+    cfg = make_config({"compare.recipes": {"swin_tiny": {"train.lr": 0.0001, "train.warmup_epochs": 3}}})
+    swin = variant_config(cfg, "swin_tiny")
+    assert (swin.train.lr, swin.train.warmup_epochs) == (0.0001, 3)
+    assert swin.train.epochs == cfg.train.epochs and swin.train.augment == cfg.train.augment
+    assert variant_config(cfg, "resnet18").train == cfg.train
+    for key, value in (("train.epochs", 60), ("train.augment.crop_scale", 0.5), ("hnf.dim", 8)):
+        bad = make_config({"compare.recipes": {"vig": {key: value}}})
+        with pytest.raises(ValueError, match=f"compare.recipes.vig may set the optimiser only .*{key}"):
+            variant_config(bad, "vig")

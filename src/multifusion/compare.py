@@ -33,17 +33,35 @@ from multifusion.text.features import TextFeatures
 from multifusion.train import fit
 
 
+# train.* keys that are the comparison's shared budget, not a model's own recipe
+RECIPE_BUDGET = ("train.epochs", "train.batch_size", "train.augment", "train.balance", "train.patience")
+
+
 def check_name(name: str, cfg: Config) -> None:
     if name not in BASELINES and name not in cfg.compare.ablations:
         choices = ", ".join([*BASELINES, *cfg.compare.ablations])
         raise ValueError(f"compare: unknown model '{name}'; choose one of {choices} (or add it to compare.ablations in params.yaml)")
 
 
+def recipe_overrides(cfg: Config, name: str) -> dict[str, Any]:
+    """The model's own optimiser settings (``compare.recipes``): dotted ``train.*`` keys only,
+    so the budget (epochs, augmentation, splits, test-time policy) stays the same for all."""
+    recipe = dict(cfg.compare.recipes.get(name, {}))
+    budget = [key for key in recipe if not key.startswith("train.") or any(key == b or key.startswith(b + ".") for b in RECIPE_BUDGET)]
+    if budget:
+        raise ValueError(
+            f"params.yaml: compare.recipes.{name} may set the optimiser only (train.lr, train.weight_decay, "
+            f"train.warmup_epochs, ...), not {', '.join(budget)}: the budget is the same for every model"
+        )
+    return recipe
+
+
 def variant_config(cfg: Config, name: str) -> Config:
-    """``cfg`` with the ablation's dotted overrides applied (unchanged for a baseline)."""
+    """``cfg`` with the model's recipe (``compare.recipes``) and, for an ablation, its dotted
+    overrides applied."""
     check_name(name, cfg)
-    overrides = cfg.compare.ablations.get(name, {})
-    return config_from_dict(apply_overrides(cfg.to_dict(), dict(overrides)))
+    overrides = {**recipe_overrides(cfg, name), **cfg.compare.ablations.get(name, {})}
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
 
 
 def build_variant(name: str, cfg_run: Config, classes: list[str], text: TextFeatures | None) -> nn.Module:

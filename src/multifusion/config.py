@@ -191,6 +191,7 @@ class CompareConfig:
     set: str                                   # reports/<set>/: the name of the data set compared
     models: list[str]                          # baselines and ablations the comparison trains
     ablations: dict[str, dict[str, Any]]       # ablation name -> dotted params overrides
+    recipes: dict[str, dict[str, Any]]         # model name -> dotted train.* overrides (its optimiser recipe)
     robustness: bool
 
 
