@@ -18,9 +18,10 @@ from multifusion.saved_model import placeholder_text, text_record
 from multifusion.text.features import TextFeatures, random_text_features
 
 # 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16, a
-# pyramid stem 8 channels wide: fast.
+# pyramid stem 8 channels wide: fast (the default graph stem has tests/test_graph_stem.py).
 SMALL = {
     "data.image_size": 32,
+    "hnf.stem": "pyramid",
     "hnf.stem_width": 8,
     "hnf.layers": 2,
     "hnf.patch_sizes": [16, 8],
@@ -110,16 +111,18 @@ def test_layers_one_to_four_with_default_params(make_config, layers):
     assert_trains(model, images(2, 64), 10)
 
 
-def test_default_model_is_the_size_of_its_resnet18_baseline(make_config):
-    """The comparison is fair in capacity: the default model has ResNet-18's trunk and at most
-    10% more trainable parameters than the ResNet-18 baseline (the HNF layers and the head)."""
+def test_default_model_is_the_size_of_its_trunk_baseline(make_config):
+    """The comparison is fair in capacity: the default model has ViG-Ti's trunk (the graph stem)
+    and at most 10% more trainable parameters than the ViG-Ti baseline (the HNF layers and the
+    head); the pyramid stem likewise against ResNet-18, whose trunk it has."""
     from multifusion.model.baselines import build_baseline
 
-    cfg = make_config()
-    model = build_model(cfg, names(10), random_text(num_classes=10, dim=384))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    baseline = sum(p.numel() for p in build_baseline("resnet18", 10, cfg.data.image_size).parameters())
-    assert baseline < trainable < 1.1 * baseline
+    for stem, width, peer in (("graph", 192, "vig"), ("pyramid", 64, "resnet18")):
+        cfg = make_config({"hnf.stem": stem, "hnf.stem_width": width})
+        model = build_model(cfg, names(10), random_text(num_classes=10, dim=384))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        baseline = sum(p.numel() for p in build_baseline(peer, 10, cfg.data.image_size).parameters())
+        assert baseline < trainable < 1.1 * baseline, (stem, trainable, baseline)
 
 
 def test_ode_options_dopri5_and_adjoint_run(make_config):

@@ -42,9 +42,9 @@ def edit_config(model_dir: Path, edit) -> None:
 def test_a_model_saved_before_new_params_loads_with_their_current_values_and_predicts(repo_root):
     stored = json.loads((OLD_MODEL / CONFIG).read_text())["config"]["hnf"]
     assert "global_token" not in stored and "stem_width" not in stored  # the fixture is the old layout
-    # the fixture predates hnf.stem_width, hnf.global_token and compare.recipes
-    with pytest.warns(FilledParamsWarning, match=r"saved before params.yaml had hnf.stem_width, hnf.global_token, compare.recipes; "
-                                                  r"using the current values from .*params.yaml: hnf.stem_width=\d+, hnf.global_token=true, "
+    # the fixture predates hnf.stem_width, hnf.stem_depth, hnf.global_token and compare.recipes
+    with pytest.warns(FilledParamsWarning, match=r"saved before params.yaml had hnf.stem_width, hnf.stem_depth, hnf.global_token, compare.recipes; "
+                                                  r"using the current values from .*params.yaml: hnf.stem_width=\d+, hnf.stem_depth=\d+, hnf.global_token=true, "
                                                   r"compare.recipes="):
         loaded = load_model(OLD_MODEL)
     current = yaml.safe_load((repo_root / "params.yaml").read_text())["hnf"]
@@ -76,7 +76,7 @@ def test_a_stored_key_this_version_does_not_know_is_an_error(tmp_path):
 def test_a_key_neither_stored_nor_in_any_params_yaml_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(saved_model, "PACKAGE_PARAMS", tmp_path / "absent.yaml")
     monkeypatch.chdir(tmp_path)  # no ./params.yaml either
-    with pytest.raises(ModelDirError, match=r"saved before params.yaml had hnf.stem_width, hnf.global_token, compare.recipes, and no params.yaml "
+    with pytest.raises(ModelDirError, match=r"saved before params.yaml had hnf.stem_width, hnf.stem_depth, hnf.global_token, compare.recipes, and no params.yaml "
                                             r"here has no value for them; run from the project root or add them to config.json"):
         load_model(OLD_MODEL)
 

@@ -33,7 +33,7 @@ class ConfigError(UserError, ValueError):
 ASPECTS = ("crop", "pad")                          # data.aspect
 INFOBAR_MODES = ("auto", "none")                   # data.infobar
 LLM_PROVIDERS = ("curated", "openai")              # llm.provider
-STEMS = ("pyramid", "conv", "linear")              # hnf.stem
+STEMS = ("graph", "pyramid", "conv", "linear")              # hnf.stem
 SEQUENCE_ENCODERS = ("ode", "transformer", "none")  # hnf.sequence_encoder
 SOLVERS = ("rk4", "euler", "dopri5")               # hnf.ode.solver
 FUSION_MODES = ("mha", "concat")                   # fusion.mode
@@ -129,6 +129,7 @@ class HNFConfig:
     heads: int
     stem: str
     stem_width: int
+    stem_depth: int
     global_token: bool
     sequence_encoder: str
     graph: bool
@@ -360,7 +361,7 @@ RULES: dict[str, Check] = {
     "text.warmup_steps": at_least(0), "text.grad_clip": at_least(0), "text.mask_prob": in_range(0.0, 1.0, True, True),
     "text.heldout": in_range(0.0, 1.0, True, True), "text.threads": at_least(0),
     "hnf.layers": in_range(1, MAX_HNF_LAYERS), "hnf.dim": at_least(1), "hnf.heads": at_least(1),
-    "hnf.patch_sizes": optional(NON_EMPTY), "hnf.stem": one_of(STEMS), "hnf.stem_width": at_least(8), "hnf.sequence_encoder": one_of(SEQUENCE_ENCODERS),
+    "hnf.patch_sizes": optional(NON_EMPTY), "hnf.stem": one_of(STEMS), "hnf.stem_width": at_least(8), "hnf.stem_depth": at_least(1), "hnf.sequence_encoder": one_of(SEQUENCE_ENCODERS),
     "hnf.dropout": in_range(0.0, 1.0, high_open=True),
     "hnf.ode.solver": one_of(SOLVERS), "hnf.ode.steps": at_least(1), "hnf.ode.t1": POSITIVE,
     "hnf.ode.rtol": POSITIVE, "hnf.ode.atol": POSITIVE,

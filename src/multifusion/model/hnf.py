@@ -93,7 +93,9 @@ class MultiFusion(nn.Module):
         self.image_size = cfg.data.image_size
         self.dim = hnf.dim
         self.patch_sizes = derive_patch_sizes(cfg.data.image_size, hnf.layers, hnf.patch_sizes, hnf.stem)
-        self.embed = HierarchicalPatchEmbed(cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem, hnf.stem_width)
+        self.embed = HierarchicalPatchEmbed(
+            cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem, hnf.stem_width, hnf.stem_depth
+        )
         self.embed_drop = nn.Dropout(hnf.dropout)
         self.layers = nn.ModuleList(HNFLayer(cfg) for _ in self.patch_sizes)
         # the global token: the stem's globally pooled deepest map, a direct path from the whole
@@ -141,8 +143,10 @@ class MultiFusion(nn.Module):
     @property
     def cam_layer(self) -> nn.Module:
         """The module whose output is a convolutional feature map (B, C, h, w): Grad-CAM's target.
-        Pyramid stem: the backbone stage at the finest HNF patch size (its output feeds both that
+        Graph stem: the trunk's last block (B, w, g, g). Pyramid stem: the backbone stage at the finest HNF patch size (its output feeds both that
         layer's tokens and every deeper level); conv stem: the whole stem."""
+        if self.embed.stem_kind == "graph":
+            return self.embed.stem.blocks[-1]  # the trunk's last block, on the finest patch grid
         if self.embed.stem_kind == "pyramid":
             stem = self.embed.stem
             return stem.stages[stem.stage_strides.index(stem.finest)]

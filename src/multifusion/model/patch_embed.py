@@ -1,11 +1,14 @@
 """Patch tokens at every HNF layer's patch size, with 2-D positional embeddings.
 
 Patch sizes run coarse to fine (the "inverted pyramid"). ``hnf.stem``:
-- ``pyramid`` (default): a ResNet-style convolutional backbone (BatchNorm basic blocks,
+- ``pyramid``: a ResNet-style convolutional backbone (BatchNorm basic blocks,
   stages at strides 4, 8, 16, 32, widths ``hnf.stem_width`` x 1, 2, 4, 8) with a
   feature-pyramid top-down path. The layer of patch size p takes its tokens from the
   stride-p level, so each HNF layer sees its own receptive field (coarse tokens from deep
   stages), and the top-down path gives the fine levels the deep stages' semantics.
+- ``graph`` (default): an isotropic Vision GNN trunk (``multifusion.model.graph_stem``): graph blocks
+  on the finest patch grid at ``hnf.stem_width`` channels, each HNF layer reading the trunk at
+  its own depth (coarse layers deeper), pooled to its grid.
 - ``conv``: one shared residual convolutional stem (stride-2 ResNet blocks) down to a feature map at
   the finest patch grid, average-pooled to each coarser grid, then a per-layer linear
   projection. The convolutions give the inductive bias needed to learn from ~1k images.
@@ -22,6 +25,7 @@ from torch import nn
 
 from multifusion.config import STEMS  # the allowed hnf.stem values live with the params
 from multifusion.model.baselines.resnet import BasicBlock
+from multifusion.model.graph_stem import GraphStem
 from multifusion.patch_grid import PYRAMID_STRIDES, derive_patch_sizes  # noqa: F401 -- torch-free: params.yaml is checked with it
 
 
@@ -149,15 +153,20 @@ class PyramidStem(nn.Module):
 class HierarchicalPatchEmbed(nn.Module):
     """Image (B, 1, S, S) -> one token sequence per layer: [(B, (S/p_l)^2, C)] with 2-D positions."""
 
-    def __init__(self, image_size: int, patch_sizes: list[int], dim: int, stem: str, stem_width: int = 64) -> None:
+    def __init__(
+        self, image_size: int, patch_sizes: list[int], dim: int, stem: str, stem_width: int = 64, stem_depth: int = 12
+    ) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"hnf.stem must be one of {STEMS}, got {stem!r}; fix params.yaml")
         self.stem_kind = stem
         self.patch_sizes = list(patch_sizes)
         self.grids = [image_size // p for p in patch_sizes]
-        self.global_dim = {"pyramid": 8 * stem_width, "conv": dim}.get(stem)  # width of the pooled map, None: linear
-        if stem == "pyramid":
+        self.global_dim = {"pyramid": 8 * stem_width, "graph": stem_width, "conv": dim}.get(stem)  # pooled map's width; None: linear
+        if stem == "graph":
+            self.stem = GraphStem(image_size, self.patch_sizes, stem_width, stem_depth)
+            self.proj = nn.ModuleList(nn.Linear(stem_width, dim) for _ in patch_sizes)
+        elif stem == "pyramid":
             self.stem = PyramidStem(dim, stem_width, self.patch_sizes)
             self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in patch_sizes)
         elif stem == "conv":
@@ -171,9 +180,11 @@ class HierarchicalPatchEmbed(nn.Module):
         """x (B, 1, S, S) -> ([tokens (B, g_l*g_l, C) per layer], the stem's globally pooled deepest
         map (B, global_dim), or None for the linear stem)."""
         tokens, pooled = [], None
-        if self.stem_kind == "pyramid":
-            levels, deepest = self.stem(x)  # {stride: (B, C, S/stride, S/stride)}, (B, 8w, S/32, S/32)
-            pooled = deepest.mean(dim=(2, 3))  # (B, 8w)
+        if self.stem_kind in ("pyramid", "graph"):
+            # pyramid: {stride: (B, C, S/stride, S/stride)}, deepest stage (B, 8w, S/32, S/32)
+            # graph: {patch size: (B, w, S/p, S/p)}, the trunk's last map (B, w, g, g)
+            levels, deepest = self.stem(x)
+            pooled = deepest.mean(dim=(2, 3))  # (B, global_dim)
             for p, proj, pos in zip(self.patch_sizes, self.proj, self.pos):
                 tokens.append(pos(proj(levels[p].flatten(2).transpose(1, 2))))  # (B, g*g, C)
         elif self.stem_kind == "conv":

@@ -125,6 +125,27 @@ class Stem(nn.Module):
         return self.convs(x)
 
 
+NEIGHBOURS = 9  # the reference's k of the first block (ViG-Ti)
+
+
+def graph_blocks(dim: int, depth: int, grid: int, k: int = NEIGHBOURS, drop_path_rate: float = 0.0) -> list[nn.Module]:
+    """The isotropic ViG trunk's ``depth`` (Grapher, FFN) pairs on a ``grid`` x ``grid`` map of
+    ``dim`` channels, flattened: [Grapher_1, FFN_1, ..., Grapher_depth, FFN_depth], each
+    (B, dim, grid, grid) -> same. Neighbours grow linearly from k to 2k over depth, the
+    dilation by one every 4 blocks (capped so k x dilation fits the nodes), the drop-path rate
+    linearly from 0 to ``drop_path_rate``: the reference's schedule."""
+    ks = [int(v) for v in torch.linspace(k, 2 * k, depth).tolist()]
+    max_dilation = max(1, grid * grid // max(ks))
+    rates = torch.linspace(0, drop_path_rate, depth).tolist()
+    blocks: list[nn.Module] = []
+    for i in range(depth):
+        dilation = min(i // 4 + 1, max_dilation)
+        if ks[i] * dilation > grid * grid:
+            raise ValueError(f"vig: {ks[i]} neighbours x dilation {dilation} exceed the {grid * grid} nodes")
+        blocks += [Grapher(dim, ks[i], dilation, rates[i]), FFN(dim, 4 * dim, rates[i])]
+    return blocks
+
+
 class VisionGNN(nn.Module):
     """Isotropic ViG: (B, in_chans, S, S) -> logits (B, num_classes)."""
 
@@ -135,7 +156,7 @@ class VisionGNN(nn.Module):
         in_chans: int = 1,
         dim: int = 192,
         depth: int = 12,
-        k: int = 9,
+        k: int = NEIGHBOURS,
         stride: int | None = None,
         head_hidden: int = 1024,
         drop_path_rate: float = 0.0,
@@ -150,16 +171,7 @@ class VisionGNN(nn.Module):
         self.num_features = dim
         self.stem = Stem(in_chans, dim, stride)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, grid, grid))
-        ks = [int(v) for v in torch.linspace(k, 2 * k, depth).tolist()]
-        max_dilation = max(1, grid * grid // max(ks))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        blocks: list[nn.Module] = []
-        for i in range(depth):
-            dilation = min(i // 4 + 1, max_dilation)
-            if ks[i] * dilation > grid * grid:
-                raise ValueError(f"vig: {ks[i]} neighbours x dilation {dilation} exceed the {grid * grid} nodes")
-            blocks += [Grapher(dim, ks[i], dilation, rates[i]), FFN(dim, 4 * dim, rates[i])]
-        self.backbone = nn.Sequential(*blocks)
+        self.backbone = nn.Sequential(*graph_blocks(dim, depth, grid, k, drop_path_rate))
         self.prediction = nn.Sequential(
             nn.Conv2d(dim, head_hidden, 1), nn.BatchNorm2d(head_hidden), nn.GELU(), nn.Dropout(dropout)
         )
