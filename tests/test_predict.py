@@ -34,7 +34,9 @@ def micrograph(seed: int, width: int = 120, height: int = 90) -> np.ndarray:
 
 @pytest.fixture
 def model_dir(tmp_path, make_config) -> Path:
-    cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "data.image_size": 32, "fusion.text": False})
+    # a small graph trunk: untrained, the full-width one (eval-mode BatchNorm at its initial
+    # statistics) grows activations to ~1e7, where batch-size rounding flips kNN near-ties
+    cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "hnf.stem_width": 32, "hnf.stem_depth": 2, "data.image_size": 32, "fusion.text": False})
     model = build_model(cfg, CLASSES, None)
     save_model(tmp_path / "model", model, cfg, CLASSES, None, TEMPERATURE, "hnf")
     return tmp_path / "model"
