@@ -121,3 +121,14 @@ def test_readme_tables_come_from_the_report_files(metric_files) -> None:
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="results:begin"):
         update_readme(readme, root / "reports")
+
+
+def test_verdict_calls_a_gap_that_rounds_to_zero_a_tie():
+    """The sentence prints 3 decimals, so 0.92217 against 0.92180 is a tie, not 'beats by 0.000'
+    (the NCM macro-F1 of MultiFusion and ViG-Ti, 2026-11-30)."""
+    from multifusion.report import verdict
+
+    text = verdict({"top1": 0.94198, "macro_f1": 0.92217}, {"vig": {"top1": 0.95222, "macro_f1": 0.92180}})
+    assert "top-1 (0.942) falls short of the best baseline's (ViG-Ti (isotropic), 0.952) by 0.010" in text
+    assert "macro-F1 (0.922) ties the best baseline's (ViG-Ti (isotropic), 0.922)." in text
+    assert "by 0.000" not in text

@@ -118,14 +118,15 @@ def ablation_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 def verdict(ours: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
-    """One sentence: does the full model's top-1 reach the best baseline's, and by how much."""
+    """One sentence: does the full model's top-1 reach the best baseline's, and by how much. Gaps
+    are compared at the 3 decimals printed: a gap that rounds to 0.000 is a tie."""
     if not baselines:
         return "No baseline results yet."
     best = max(baselines, key=lambda n: baselines[n]["top1"])
-    gap = ours["top1"] - baselines[best]["top1"]
+    gap = round(ours["top1"] - baselines[best]["top1"], 3)
     word = "beats" if gap > 0 else ("ties" if gap == 0 else "falls short of")
     best_f1 = max(baselines, key=lambda n: baselines[n]["macro_f1"])
-    gap_f1 = ours["macro_f1"] - baselines[best_f1]["macro_f1"]
+    gap_f1 = round(ours["macro_f1"] - baselines[best_f1]["macro_f1"], 3)
     word_f1 = "beats" if gap_f1 > 0 else ("ties" if gap_f1 == 0 else "falls short of")
     return (
         f"MultiFusion's top-1 ({ours['top1']:.3f}) {word} the best baseline's "
