@@ -56,13 +56,10 @@ class GraphStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         h = self.stem(x) + self.pos_embed  # (B, W, g, g)
-        states = {}
+        maps = {}
         for number, block in enumerate(self.blocks, start=1):
             h = block(h)  # (B, W, g, g)
-            states[number] = h
-        maps = {}
-        for p, number in self.taps.items():
-            grid = self.grid * min(self.patch_sizes) // p
-            state = states[number]
-            maps[p] = state if grid == self.grid else F.adaptive_avg_pool2d(state, grid)  # (B, W, S/p, S/p)
+            for p in (p for p, tap in self.taps.items() if tap == number):
+                grid = self.grid * min(self.patch_sizes) // p
+                maps[p] = h if grid == self.grid else F.adaptive_avg_pool2d(h, grid)  # (B, W, S/p, S/p)
         return maps, h

@@ -154,7 +154,7 @@ class HierarchicalPatchEmbed(nn.Module):
     """Image (B, 1, S, S) -> one token sequence per layer: [(B, (S/p_l)^2, C)] with 2-D positions."""
 
     def __init__(
-        self, image_size: int, patch_sizes: list[int], dim: int, stem: str, stem_width: int = 64, stem_depth: int = 12
+        self, image_size: int, patch_sizes: list[int], dim: int, stem: str, stem_width: int, stem_depth: int
     ) -> None:
         super().__init__()
         if stem not in STEMS:
