@@ -3,11 +3,14 @@ train one baseline or MultiFusion ablation exactly as `train`, score it on the t
 
     python stages/compare.py --model resnet18 --prepared data/prepared --text data/text_features \
         --out models/compare/resnet18 --checkpoints checkpoints/compare/resnet18 \
-        --live dvclive/compare/resnet18 --metrics metrics/compare/resnet18.json
+        --live dvclive/compare/resnet18 --metrics metrics/compare/resnet18.json \
+        --plots plots/compare/resnet18
 
 Writes the weights + config (models/compare/<name>/, loadable with
 multifusion.saved_model.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
-params, train_seconds and, with compare.robustness, shifted_top1) and dvclive curves.
+params, train_seconds and, with compare.robustness, shifted_top1), the per-image test
+predictions (--plots/confusion.csv: the report's paired test against MultiFusion) and dvclive
+curves.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pathlib import Path
 from multifusion.cli_errors import run_stage
 from multifusion.compare import run_comparison
 from multifusion.config import load_config
+from multifusion.data.dataset import load_prepared
+from multifusion.evaluate import write_confusion_csv
 from multifusion.json_files import write_json
 
 
@@ -30,12 +35,14 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True, help="folder for confusion.csv (per-image test predictions)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
     cfg = load_config(args.params)
-    metrics = run_comparison(args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live)
+    metrics, labels, preds = run_comparison(args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live)
     write_json(args.metrics, metrics)
+    write_confusion_csv(args.plots / "confusion.csv", labels, preds, load_prepared(args.prepared).classes)
     print(
         f"compare {args.model}: top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} macro-F1 {metrics['macro_f1']:.3f} "
         f"({metrics['params']:,} params, {metrics['train_seconds']:.0f} s training)"

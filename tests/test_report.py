@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from multifusion.report import read_metrics, report_from_files
@@ -64,7 +65,8 @@ def test_report_has_every_row_and_the_published_columns(metric_files) -> None:
         assert row[1] == f"{runs[name]['top1']:.3f}"
         assert row[5] == f"{runs[name]['macro_f1']:.3f}"  # macro-F1 beside top-k
     for row in topk:  # the paper's figures in the published columns, "–" where it has no such row
-        assert (row[7], " ".join(row[8:12])) == PAPER_TOPK[row[0]], row[0]
+        assert row[7] == "–"  # no per-image predictions given: no paired test
+        assert (row[8], " ".join(row[9:13])) == PAPER_TOPK[row[0]], row[0]
 
     ablation = table_rows(md, "| variant |")
     variants = ["multifusion"] + [n for n in cfg.compare.models if n.startswith("mf_")]
@@ -73,7 +75,7 @@ def test_report_has_every_row_and_the_published_columns(metric_files) -> None:
         assert row[5] == f"{0.4 - runs[name]['top1']:+.3f}" and row[6] == f"{0.7 - runs[name]['macro_f1']:+.3f}"
         assert row[5].startswith("+")  # fake ablations all score below the full model
     for row in ablation:
-        assert (row[7], " ".join(row[8:11])) == PAPER_ABLATION[row[0]], row[0]
+        assert (row[8], " ".join(row[9:12])) == PAPER_ABLATION[row[0]], row[0]
     assert ablation[0][2:5] == ["0.600", "0.650", "0.700"]  # ours: macro P/R/F1
 
     assert "falls short of" not in md  # ours 0.400 beats every fake baseline (top1 <= 0.14)
@@ -132,3 +134,59 @@ def test_verdict_calls_a_gap_that_rounds_to_zero_a_tie():
     assert "top-1 (0.942) falls short of the best baseline's (ViG-Ti (isotropic), 0.952) by 0.010" in text
     assert "macro-F1 (0.922) ties the best baseline's (ViG-Ti (isotropic), 0.922)." in text
     assert "by 0.000" not in text
+
+
+def test_mcnemar_exact_matches_scipy_binomtest() -> None:
+    """The exact McNemar p is scipy's two-sided binomial test on the discordant pairs."""
+    from scipy.stats import binomtest
+
+    from multifusion.paired_test import mcnemar_exact
+
+    rng = np.random.default_rng(0)
+    for b, c in [(0, 0), (0, 1), (3, 0), (5, 5), (2, 9), *rng.integers(0, 60, size=(30, 2)).tolist()]:
+        expected = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+        assert mcnemar_exact(b, c) == pytest.approx(expected, rel=1e-12, abs=1e-15), (b, c)
+
+
+def test_paired_counts_on_random_predictions() -> None:
+    from multifusion.paired_test import paired_counts
+
+    rng = np.random.default_rng(1)
+    labels, a, b = rng.integers(0, 4, size=(3, 200))
+    only_a, only_b = paired_counts(labels, a, b)
+    assert only_a == sum(x == y != z for x, y, z in zip(a, labels, b))
+    assert only_b == sum(z == y != x for x, y, z in zip(a, labels, b))
+    assert only_a - only_b == int((a == labels).sum() - (b == labels).sum())  # the accuracy gap, in images
+
+
+def _write_predictions(path: Path, labels: list[str], preds: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("actual,predicted\n" + "".join(f"{a},{p}\n" for a, p in zip(labels, preds)))
+
+
+def test_report_sets_every_run_against_ours_image_by_image(metric_files) -> None:
+    """With per-image predictions, each row says how many images only MultiFusion / only that
+    model gets right and the exact McNemar p; the verdict says whether the gap is chance."""
+    cfg, root, _ = metric_files
+    labels = ["a"] * 40 + ["b"] * 40
+    _write_predictions(root / "plots/evaluate/confusion.csv", labels, labels)  # ours: all right
+    for name in cfg.compare.models:
+        preds = list(labels)
+        for i in range(12 if name == "resnet18" else 2):  # resnet18: 12 wrong, the rest 2 wrong
+            preds[i] = "b"
+        _write_predictions(root / f"plots/compare/{name}/confusion.csv", labels, preds)
+    md = report_from_files(
+        cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports", root / "plots/evaluate", root / "plots/compare"
+    ).read_text()
+    rows = {r[0]: r for r in table_rows(md, "| model |")}
+    assert rows["ResNet-18"][7] == "12 / 0 (p = 0.00)" and rows["ViG-Ti (isotropic)"][7] == "2 / 0 (p = 0.50)"
+    summary = json.loads((root / "reports/summary.json").read_text())
+    assert summary["resnet18"]["mcnemar_p"] == pytest.approx(2 * 0.5**12)
+    # the best fake baseline by metrics is the last in compare.models; its gap of 2 images is chance
+    assert "exact McNemar p = 0.50 (within chance" in md
+
+    _write_predictions(root / "plots/compare/vig/confusion.csv", labels[::-1], labels[::-1])
+    with pytest.raises(ValueError, match="test images differ"):
+        report_from_files(
+            cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports", root / "plots/evaluate", root / "plots/compare"
+        )

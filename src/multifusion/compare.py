@@ -2,9 +2,9 @@
 exactly as the main model (same prepared splits, ``train`` section, augmentation, loop).
 
     cfg_run = variant_config(cfg, "mf_no_text")        # params + the ablation's overrides
-    metrics = run_comparison("resnet18", cfg, "data/prepared", "data/text_features",
-                             "models/compare/resnet18", "checkpoints/compare/resnet18",
-                             "dvclive/compare/resnet18")
+    metrics, labels, preds = run_comparison("resnet18", cfg, "data/prepared", "data/text_features",
+                                            "models/compare/resnet18", "checkpoints/compare/resnet18",
+                                            "dvclive/compare/resnet18")
 
 Names: the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
 swin_tiny, vig) and the keys of ``compare.ablations`` in params.yaml (e.g. mf_no_text:
@@ -85,10 +85,10 @@ def run_comparison(
     model_dir: str | Path,
     checkpoint_dir: str | Path,
     live_dir: str | Path,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Train ``name`` with ``multifusion.train.fit``, score it on the test split; returns the
-    metrics (the keys of ``classification_metrics`` plus run facts). With
-    ``compare.robustness`` it also writes ``model_dir/robustness.json``."""
+    metrics (the keys of ``classification_metrics`` plus run facts), the test labels and the
+    predictions (N,) each. With ``compare.robustness`` it also writes ``model_dir/robustness.json``."""
     cfg_run = variant_config(cfg, name)
     prepared = load_prepared(prepared_dir)
     text = TextFeatures.load(text_dir) if name not in BASELINES and cfg_run.fusion.text else None
@@ -103,7 +103,7 @@ def run_comparison(
     loaded = load_model(model_dir)  # what a user gets from models/compare/<name>: the saved best weights
     device = resolve_device(cfg_run.evaluate.device, "evaluate.device")
     loaded.model.to(device)
-    metrics, _, _, _ = evaluate_split(
+    metrics, _, labels, preds = evaluate_split(
         loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins,
         cfg_run.evaluate.tta,
     )
@@ -117,4 +117,4 @@ def run_comparison(
         )
         write_json(Path(model_dir) / "robustness.json", result)
         metrics["shifted_top1"] = mean_shifted_top1(result)
-    return metrics
+    return metrics, labels, preds

@@ -6,8 +6,11 @@ for the full MultiFusion model and ``metrics/compare/<name>.json`` for every bas
 ablation. Output: ``reports/results.md`` (two tables), ``reports/summary.json`` (every
 model's scores in one file), ``reports/results.csv`` (bar plots in ``dvc plots show``) and
 two PNG bar charts; the per-model metric files are what ``dvc metrics show`` lists.
+With the per-image predictions (``plots/evaluate/confusion.csv``, ``plots/compare/<name>/
+confusion.csv``) every run is also set against the full model image by image: the exact
+McNemar test (``multifusion.paired_test``) says whether a gap is more than chance.
 
-    write_report(ours, runs, out_dir, dataset="data/raw/synthetic")
+    write_report(ours, runs, out_dir, dataset="data/raw/synthetic", paired=paired)
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from multifusion.config import Config
 from multifusion.json_files import write_json
+from multifusion.paired_test import mcnemar_exact, paired_counts, read_confusion_csv
 from multifusion.plotting import pyplot
 
 FULL = "multifusion"
+SIGNIFICANCE = 0.05  # two-sided level at which a paired gap counts as more than chance
 TOPK = ("top1", "top2", "top3", "top5")
 PRF = ("macro_precision", "macro_recall", "macro_f1")
 
@@ -82,16 +89,24 @@ def _seconds(m: dict[str, float]) -> str:
     return f"{m['train_seconds']:.0f}" if "train_seconds" in m else "–"
 
 
+def _paired(m: dict[str, float]) -> str:
+    """'b / c (p = ...)' of a run's paired test against the full model, or a dash."""
+    if "only_multifusion_right" not in m:
+        return "–"
+    return f"{m['only_multifusion_right']:.0f} / {m['only_model_right']:.0f} (p = {m['mcnemar_p']:.2f})"
+
+
 def topk_table(rows: dict[str, dict[str, float]]) -> str:
     """Markdown: one row per model (ours first, then baselines): top-k, macro-F1, training
-    seconds, then the paper's top-k."""
-    head = ("| model | top-1 | top-2 | top-3 | top-5 | macro F1 | train s | paper: model | paper top-1 | paper top-2 "
-            "| paper top-3 | paper top-5 |")
-    lines = [head, "|" + "---|" * 12]
+    seconds, the paired test against ours (images only MultiFusion / only this model gets
+    right, exact McNemar p), then the paper's top-k."""
+    head = ("| model | top-1 | top-2 | top-3 | top-5 | macro F1 | train s | only MF / only it right (McNemar p) "
+            "| paper: model | paper top-1 | paper top-2 | paper top-3 | paper top-5 |")
+    lines = [head, "|" + "---|" * 13]
     for name, m in rows.items():
         paper_name, paper = PAPER_TOPK.get(name, ("–", (None,) * 4))
-        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), paper_name,
-                 *(_f(v) for v in paper)]
+        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), _paired(m),
+                 paper_name, *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,13 +120,13 @@ def ablation_table(rows: dict[str, dict[str, float]]) -> str:
     effect with its sign (full minus ablation: positive = the component helps), the paper's
     avg P/R/F1."""
     head = ("| variant | top-1 | macro P | macro R | macro F1 | component's effect on top-1 | on macro F1 "
-            "| paper: variant | paper P | paper R | paper F1 |")
-    lines = [head, "|" + "---|" * 11]
+            "| only full / only variant right (McNemar p) | paper: variant | paper P | paper R | paper F1 |")
+    lines = [head, "|" + "---|" * 12]
     full = rows[FULL]
     for name, m in rows.items():
         paper_name, paper = PAPER_ABLATION.get(name, ("–", (None,) * 3))
         effect = ["–", "–"] if name == FULL else [_signed(full["top1"] - m["top1"]), _signed(full["macro_f1"] - m["macro_f1"])]
-        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, paper_name,
+        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, _paired(m), paper_name,
                  *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -128,12 +143,21 @@ def verdict(ours: dict[str, float], baselines: dict[str, dict[str, float]]) -> s
     best_f1 = max(baselines, key=lambda n: baselines[n]["macro_f1"])
     gap_f1 = round(ours["macro_f1"] - baselines[best_f1]["macro_f1"], 3)
     word_f1 = "beats" if gap_f1 > 0 else ("ties" if gap_f1 == 0 else "falls short of")
-    return (
+    sentence = (
         f"MultiFusion's top-1 ({ours['top1']:.3f}) {word} the best baseline's "
         f"({LABELS.get(best, best)}, {baselines[best]['top1']:.3f})" + (f" by {abs(gap):.3f}" if gap else "")
         + f"; its macro-F1 ({ours['macro_f1']:.3f}) {word_f1} the best baseline's "
         f"({LABELS.get(best_f1, best_f1)}, {baselines[best_f1]['macro_f1']:.3f})"
         + (f" by {abs(gap_f1):.3f}." if gap_f1 else ".")
+    )
+    m = baselines[best]
+    if "mcnemar_p" not in m:
+        return sentence
+    b, c, p = int(m["only_multifusion_right"]), int(m["only_model_right"]), m["mcnemar_p"]
+    meaning = "a difference beyond chance" if p < SIGNIFICANCE else "within chance: the two are not told apart by this test set"
+    return (
+        f"{sentence} Image by image against {LABELS.get(best, best)}: {b} test images only MultiFusion gets right, "
+        f"{c} only {LABELS.get(best, best)}; exact McNemar p = {p:.2f} ({meaning}, at {SIGNIFICANCE})."
     )
 
 
@@ -191,8 +215,6 @@ def render_results(
 
 def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: str | Path, title: str) -> None:
     """Grouped bar chart, one group per model, one bar per metric key; PNG."""
-    import numpy as np
-
     plt = pyplot()
 
     names = list(rows)
@@ -220,7 +242,8 @@ def write_report(
     date = date or dt.date.today().isoformat()
     rows = {FULL: ours, **runs}
     (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date, machine()))
-    summary = {name: {k: float(m[k]) for k in TOPK + PRF + ("ece", "train_seconds") if k in m} for name, m in rows.items()}
+    keys = TOPK + PRF + ("ece", "train_seconds", "only_multifusion_right", "only_model_right", "mcnemar_p")
+    summary = {name: {k: float(m[k]) for k in keys if k in m} for name, m in rows.items()}
     write_json(out_dir / "summary.json", summary)
     csv = ["model,kind," + ",".join(TOPK + PRF)]
     for name, m in rows.items():
@@ -237,6 +260,29 @@ def collect_runs(compare_dir: str | Path, models: list[str]) -> dict[str, dict[s
     return {name: read_metrics(Path(compare_dir) / f"{name}.json") for name in models}
 
 
-def report_from_files(cfg: Config, eval_json: str | Path, compare_dir: str | Path, out_dir: str | Path) -> Path:
-    """The report stage: read every metrics file named by params, write the report."""
-    return write_report(read_metrics(eval_json), collect_runs(compare_dir, cfg.compare.models), out_dir, cfg.data.root)
+def paired_against_full(full_csv: str | Path, run_csvs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """name -> {only_multifusion_right, only_model_right, mcnemar_p}: each run's per-image
+    predictions against the full model's, on the same test images in the same order."""
+    labels, ours = read_confusion_csv(full_csv)
+    paired = {}
+    for name, path in run_csvs.items():
+        their_labels, theirs = read_confusion_csv(path)
+        if not np.array_equal(labels, their_labels):
+            raise ValueError(f"{path}: its test images differ from {full_csv}'s; rerun both on the same data/prepared")
+        b, c = paired_counts(labels, ours, theirs)
+        paired[name] = {"only_multifusion_right": b, "only_model_right": c, "mcnemar_p": mcnemar_exact(b, c)}
+    return paired
+
+
+def report_from_files(
+    cfg: Config, eval_json: str | Path, compare_dir: str | Path, out_dir: str | Path,
+    eval_plots: str | Path | None = None, compare_plots: str | Path | None = None,
+) -> Path:
+    """The report stage: read every metrics file named by params (and, given the plots folders
+    of evaluate and compare, every run's per-image predictions), write the report."""
+    runs = collect_runs(compare_dir, cfg.compare.models)
+    if eval_plots is not None and compare_plots is not None:
+        csvs = {name: Path(compare_plots) / name / "confusion.csv" for name in runs}
+        for name, paired in paired_against_full(Path(eval_plots) / "confusion.csv", csvs).items():
+            runs[name] = {**runs[name], **paired}
+    return write_report(read_metrics(eval_json), runs, out_dir, cfg.data.root)
