@@ -116,7 +116,7 @@ def test_readme_tables_come_from_the_report_files(metric_files) -> None:
     assert update_readme(readme, root / "reports")
     text = readme.read_text()
     assert "stale" not in text and text.endswith("\n\nmore text\n") and text.startswith("# Title")
-    assert "| **MultiFusion** | 0.400 | 0.550 | 0.700 | – |" in text  # from eval.json via summary.json
+    assert "| **MultiFusion** | 0.400 | 0.550 | 0.700 | – | – |" in text  # from eval.json via summary.json
     name = cfg.compare.models[0]
     assert f"{runs[name]['top1']:.3f}" in text
     assert not update_readme(readme, root / "reports")  # a second run changes nothing
@@ -184,6 +184,12 @@ def test_report_sets_every_run_against_ours_image_by_image(metric_files) -> None
     assert summary["resnet18"]["mcnemar_p"] == pytest.approx(2 * 0.5**12)
     # the best fake baseline by metrics is the last in compare.models; its gap of 2 images is chance
     assert "exact McNemar p = 0.50 (within chance" in md
+    from multifusion.readme_tables import BEGIN, END, update_readme
+
+    readme = root / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    update_readme(readme, root)  # root/reports holds this report
+    assert "| ResNet-18 | 0.100 | 0.250 | 0.400 | – | 12 / 0 (p = 0.00) |" in readme.read_text()
 
     _write_predictions(root / "plots/compare/vig/confusion.csv", labels[::-1], labels[::-1])
     with pytest.raises(ValueError, match="test images differ"):

@@ -312,18 +312,3 @@ def test_two_process_gloo_ddp_follows_the_single_process_loss_curve(make_prepare
         assert len(got) == len(expected) == 3
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=name)
 
-
-def test_a_baselines_checkpoint_ignores_the_multifusion_params(make_config):
-    """Changing hnf.* (or graph.*, fusion.*) keeps a baseline's finished run resumable, so the
-    comparison re-scores it instead of retraining; MultiFusion's own run does restart."""
-    from multifusion.train_state import run_fingerprint
-
-    state = {"w": torch.arange(4.0)}
-    default, other_model = make_config(), make_config({"hnf.stem_depth": 4, "graph.k": 4, "fusion.text": False})
-
-    def fingerprint(cfg, is_multifusion):
-        return run_fingerprint(cfg, "resnet18", state, "data-key", 1, is_multifusion)
-
-    assert fingerprint(default, False) == fingerprint(other_model, False)
-    assert fingerprint(default, True) != fingerprint(other_model, True)
-    assert fingerprint(default, False) != fingerprint(make_config({"train.lr": 0.01}), False)  # its own recipe still counts

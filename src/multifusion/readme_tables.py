@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from multifusion.report import FULL, LABELS, is_ablation
+from multifusion.report import FULL, LABELS, is_ablation, paired_cell
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -37,23 +37,24 @@ def set_table(set_dir: Path) -> str:
         "",
         f"{_header_line(md, '- Date:')}. Source: [`{set_dir.as_posix()}/results.md`]({set_dir.as_posix()}/results.md).",
         "",
-        "| model | top-1 | top-5 | macro F1 | train s |",
-        "|---|---|---|---|---|",
+        "| model | top-1 | top-5 | macro F1 | train s | test images only MF / only it gets right (McNemar p) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, m in summary.items():
         if is_ablation(name) and name != FULL:
             continue
         seconds = f"{m['train_seconds']:.0f}" if "train_seconds" in m else "–"
         label = f"**{LABELS.get(name, name)}**" if name == FULL else LABELS.get(name, name)
-        lines.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['macro_f1']:.3f} | {seconds} |")
+        lines.append(f"| {label} | {m['top1']:.3f} | {m['top5']:.3f} | {m['macro_f1']:.3f} | {seconds} | {paired_cell(m)} |")
     ablations = [n for n in summary if is_ablation(n) and n != FULL]
     if ablations:
-        lines += ["", "| ablation | top-1 | macro F1 | component's effect on top-1 / macro F1 |", "|---|---|---|---|"]
+        lines += ["", "| ablation | top-1 | macro F1 | component's effect on top-1 / macro F1 | only full / only ablation right (McNemar p) |",
+                  "|---|---|---|---|---|"]
         for name in ablations:
             m = summary[name]
             lines.append(
                 f"| {LABELS.get(name, name)} | {m['top1']:.3f} | {m['macro_f1']:.3f} | "
-                f"{full['top1'] - m['top1']:+.3f} / {full['macro_f1'] - m['macro_f1']:+.3f} |"
+                f"{full['top1'] - m['top1']:+.3f} / {full['macro_f1'] - m['macro_f1']:+.3f} | {paired_cell(m)} |"
             )
     return "\n".join(lines)
 

@@ -89,7 +89,7 @@ def _seconds(m: dict[str, float]) -> str:
     return f"{m['train_seconds']:.0f}" if "train_seconds" in m else "–"
 
 
-def _paired(m: dict[str, float]) -> str:
+def paired_cell(m: dict[str, float]) -> str:
     """'b / c (p = ...)' of a run's paired test against the full model, or a dash."""
     if "only_multifusion_right" not in m:
         return "–"
@@ -105,7 +105,7 @@ def topk_table(rows: dict[str, dict[str, float]]) -> str:
     lines = [head, "|" + "---|" * 13]
     for name, m in rows.items():
         paper_name, paper = PAPER_TOPK.get(name, ("–", (None,) * 4))
-        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), _paired(m),
+        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), paired_cell(m),
                  paper_name, *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -126,7 +126,7 @@ def ablation_table(rows: dict[str, dict[str, float]]) -> str:
     for name, m in rows.items():
         paper_name, paper = PAPER_ABLATION.get(name, ("–", (None,) * 3))
         effect = ["–", "–"] if name == FULL else [_signed(full["top1"] - m["top1"]), _signed(full["macro_f1"] - m["macro_f1"])]
-        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, _paired(m), paper_name,
+        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, paired_cell(m), paper_name,
                  *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -38,7 +38,6 @@ from multifusion.calibration import calibrate_temperature
 from multifusion.config import Config, TrainConfig
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
 from multifusion.evaluate import macro_scores, predict_logits
-from multifusion.model.hnf import MultiFusion
 from multifusion.optim import adamw, optimizer_step, warmup_cosine
 from multifusion.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
 from multifusion.saved_model import save_model
@@ -187,9 +186,7 @@ def start_run(model: nn.Module, cfg: Config, prepared_dir: str | Path, model_nam
         optimizer, warmup_cosine(train.warmup_epochs * steps_per_epoch, train.epochs * steps_per_epoch)
     )
     criterion = loss_function(train, train_set.targets, len(prepared.classes), runtime.device)
-    fingerprint = run_fingerprint(
-        cfg, model_name, model.state_dict(), data_key(prepared), runtime.world_size, isinstance(model, MultiFusion)
-    )
+    fingerprint = run_fingerprint(cfg, model_name, model.state_dict(), data_key(prepared), runtime.world_size)
     return TrainingRun(cfg, runtime, prepared, train_set, val_indices, model, train_model, optimizer, scheduler, criterion, fingerprint)
 
 

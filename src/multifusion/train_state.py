@@ -42,18 +42,10 @@ def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-MULTIFUSION_SECTIONS = ("hnf", "graph", "fusion")  # params only the MultiFusion model reads
-
-
-def run_fingerprint(
-    cfg: Config, model_name: str, initial_state: dict[str, torch.Tensor], data_key: str, world_size: int,
-    is_multifusion: bool = True,
-) -> str:
-    """What a checkpoint must match to be resumed: params that shape training (for a baseline,
-    not the MultiFusion sections it never reads: changing hnf.* keeps its finished run), the
-    model's initial weights, the data and the number of processes."""
-    shaping = ("seed", "data", "train", *(MULTIFUSION_SECTIONS if is_multifusion else ()))
-    sections = {k: v for k, v in cfg.to_dict().items() if k in shaping}
+def run_fingerprint(cfg: Config, model_name: str, initial_state: dict[str, torch.Tensor], data_key: str, world_size: int) -> str:
+    """What a checkpoint must match to be resumed: params that shape training, the model's
+    initial weights, the data and the number of processes."""
+    sections = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "data", "hnf", "graph", "fusion", "train")}
     payload = json.dumps(
         {"cfg": sections, "model_name": model_name, "data": data_key, "world_size": world_size}, sort_keys=True
     )
