@@ -10,7 +10,10 @@ With the per-image predictions (``plots/evaluate/confusion.csv``, ``plots/compar
 confusion.csv``) every run is also set against the full model image by image: the exact
 McNemar test (``multifusion.paired_test``) says whether a gap is more than chance.
 
-    write_report(ours, runs, out_dir, dataset="data/raw/synthetic", paired=paired)
+    runs = collect_runs("metrics/compare", ["resnet18", "mf_no_text"])
+    for name, paired in paired_against_full("plots/evaluate/confusion.csv", csvs).items():
+        runs[name] |= paired                          # only_multifusion_right, only_model_right, mcnemar_p
+    write_report(ours, runs, out_dir, dataset="data/raw/synthetic")
 """
 
 from __future__ import annotations
