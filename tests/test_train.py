@@ -311,4 +311,3 @@ def test_two_process_gloo_ddp_follows_the_single_process_loss_curve(make_prepare
         got = read_tsv(ddp / f"live/plots/metrics/{name}.tsv", name)
         assert len(got) == len(expected) == 3
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=name)
-
