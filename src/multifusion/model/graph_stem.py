@@ -2,14 +2,14 @@
 
 x (B, 1, S, S) -> conv stem to stride s (the finest patch size) -> + 2-D positions
 -> ``depth`` (Grapher, FFN) blocks on the (S/s) x (S/s) patch grid at ``width`` channels
-(Han et al. 2022; ViG-Ti is depth 12, width 192; the default is 8 of its blocks at 192). The graph blocks re-link every patch to
+(Han et al. 2022; ViG-Ti is depth 12, width 192; the default is 6 of its blocks at 192). The graph blocks re-link every patch to
 its nearest patches in feature space at every block, so the trunk is itself a stack of
 patch-graph layers; its Grapher / FFN are the ViG baseline's own blocks.
 
 The hierarchy: the HNF layer of patch size p (coarse to fine, index i of L) reads the
 trunk's state after block ceil(depth * (L - i) / L), average-pooled to the S/p grid. Coarse
 layers read deep states (large receptive fields, few tokens), fine layers earlier ones
-(small receptive fields, many tokens): with L = 3 and depth 8, blocks 8, 6 and 3.
+(small receptive fields, many tokens): with L = 3 and depth 6, blocks 6, 4 and 2.
 """
 
 from __future__ import annotations

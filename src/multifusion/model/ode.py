@@ -60,6 +60,10 @@ class BidirectionalODE(nn.Module):
         self.backward_field = VectorField(dim, heads, mlp_ratio)
         self.gate = ZeroInitLinear(2 * dim, dim)  # starts at g = 1/2: the mean of both directions
         self.norm = nn.LayerNorm(dim)
+        if ode.solver == "euler" and ode.steps == 1:
+            # one Euler step evaluates the forward field at t = 0 only, where its time term t * w
+            # vanishes: frozen, so that no parameter sits in the optimizer without a gradient
+            self.forward_field.time.requires_grad_(False)
 
     def _integrate(self, field: VectorField, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
         cfg = self.cfg
