@@ -11,6 +11,8 @@ import pytest
 
 from multifusion.report import read_metrics, report_from_files
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # The paper's published figures (arXiv 2408.13661, SEM set; as DESIGN.md quotes them), typed
 # here from the paper rather than read back from multifusion.report: a typo there fails.
 # The report's rows: ours, then compare.models' baselines in order, then the ablations.
@@ -196,3 +198,68 @@ def test_report_sets_every_run_against_ours_image_by_image(metric_files) -> None
         report_from_files(
             cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports", root / "plots/evaluate", root / "plots/compare"
         )
+
+
+def test_seed_table_is_computed_from_the_per_image_predictions(tmp_path) -> None:
+    from sklearn.metrics import f1_score
+
+    from multifusion.seed_runs import read_seed_runs, seed_table
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["a", "b", "c"], size=60).tolist()
+    preds = {}
+    for name, seed in [("multifusion", 42), ("multifusion", 43), ("vig", 42), ("vig", 43), ("mf_no_text", 43)]:
+        p = [y if rng.random() < 0.8 else rng.choice(["a", "b", "c"]) for y in labels]
+        preds[name, seed] = p
+        _write_predictions(tmp_path / "seeds" / name / f"seed{seed}.csv", labels, p)
+    assert list(read_seed_runs(tmp_path)) == ["multifusion", "vig", "mf_no_text"]  # ours, baselines, ablations
+    rows = {r[0]: r for r in table_rows(seed_table(tmp_path), "| model |")}
+
+    def scores(name, seed):
+        y, p = np.array(labels), np.array(preds[name, seed])
+        return (p == y).mean(), f1_score(y, p, average="macro")
+
+    for name, label in [("multifusion", "**MultiFusion**"), ("vig", "ViG-Ti (isotropic)")]:
+        (t42, f42), (t43, f43) = scores(name, 42), scores(name, 43)
+        assert rows[label][1:4] == [f"{t42:.3f} / {f42:.3f}", f"{t43:.3f} / {f43:.3f}", f"{(t42 + t43) / 2:.3f} / {(f42 + f43) / 2:.3f}"]
+    y = np.array(labels)
+    only = [(int(((np.array(preds["multifusion", s]) == y) & (np.array(preds["vig", s]) != y)).sum()),
+             int(((np.array(preds["multifusion", s]) != y) & (np.array(preds["vig", s]) == y)).sum())) for s in (42, 43)]
+    assert rows["ViG-Ti (isotropic)"][4] == f"{only[0][0]} / {only[0][1]}, {only[1][0]} / {only[1][1]}"
+    assert rows["w/o LLM text"][1] == "–" and rows["**MultiFusion**"][4] == "–"  # no seed 42 of it; ours is the reference
+
+    _write_predictions(tmp_path / "seeds" / "vig" / "seed44.csv", labels[::-1], labels[::-1])
+    with pytest.raises(ValueError, match="seed44.csv: its test images differ"):
+        read_seed_runs(tmp_path)
+    (tmp_path / "seeds" / "vig" / "seed44.csv").rename(tmp_path / "seeds" / "vig" / "notes.csv")
+    with pytest.raises(ValueError, match="notes.csv: not a seed<N>.csv"):
+        read_seed_runs(tmp_path)
+
+
+def test_committed_seed_files_reproduce_their_comparison_reports() -> None:
+    """The seed-<params seed> files under reports/<set>/seeds/ are the comparison's own runs:
+    they give the report's top-1, macro-F1 and paired counts exactly."""
+    import yaml
+
+    from multifusion.evaluate import macro_scores
+    from multifusion.paired_test import paired_counts
+    from multifusion.seed_runs import read_seed_runs
+
+    checked = 0
+    for set_dir in sorted((REPO_ROOT / "reports").iterdir()):
+        if not (set_dir / "seeds").is_dir():
+            continue
+        summary = json.loads((set_dir / "summary.json").read_text())
+        seed = yaml.safe_load((set_dir / "params.yaml").read_text())["seed"]
+        runs = read_seed_runs(set_dir)
+        labels, ours = runs["multifusion"][seed]
+        for name, by_seed in runs.items():
+            if seed not in by_seed:
+                continue
+            _, preds = by_seed[seed]
+            assert (preds == labels).mean() == pytest.approx(summary[name]["top1"], abs=1e-12), (set_dir.name, name)
+            assert macro_scores(labels, preds)[2] == pytest.approx(summary[name]["macro_f1"], abs=1e-12), (set_dir.name, name)
+            if name != "multifusion":
+                assert paired_counts(labels, ours, preds) == (summary[name]["only_multifusion_right"], summary[name]["only_model_right"])
+            checked += 1
+    assert checked >= 2 * 4  # both sets: ours, ViG-Ti, w/o text, single scale at least

@@ -3,8 +3,9 @@
     python -m multifusion.readme_tables README.md reports
 
 For every ``reports/<set>/`` (written by the comparison pipeline's report stage) it reads
-``summary.json`` (every model's test scores) and the date and machine lines of
-``results.md``, and rewrites the README between the markers
+``summary.json`` (every model's test scores), the date and machine lines of
+``results.md`` and, when present, the per-seed predictions of ``seeds/``
+(:mod:`multifusion.seed_runs`), and rewrites the README between the markers
 
     <!-- results:begin -->
     <!-- results:end -->
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from multifusion.report import FULL, LABELS, is_ablation, paired_cell
+from multifusion.seed_runs import SEEDS, seed_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -56,6 +58,9 @@ def set_table(set_dir: Path) -> str:
                 f"| {LABELS.get(name, name)} | {m['top1']:.3f} | {m['macro_f1']:.3f} | "
                 f"{full['top1'] - m['top1']:+.3f} / {full['macro_f1'] - m['macro_f1']:+.3f} | {paired_cell(m)} |"
             )
+    if (set_dir / SEEDS).is_dir():
+        lines += ["", f"Training seeds, from the per-image predictions in [`{set_dir.as_posix()}/{SEEDS}/`]({set_dir.as_posix()}/{SEEDS}/) "
+                  "(the same split; the comparison's run is one of them):", "", seed_table(set_dir)]
     return "\n".join(lines)
 
 
