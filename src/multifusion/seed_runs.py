@@ -50,7 +50,7 @@ def read_seed_runs(set_dir: Path) -> dict[str, dict[int, tuple[np.ndarray, np.nd
 
 
 def seed_table(set_dir: Path) -> str:
-    """Markdown: per model, top-1 / macro-F1 at each seed, their mean, and image by image
+    """Markdown: per model, top-1 / macro-F1 at each seed, their mean (of two or more), and image by image
     against MultiFusion trained with the same seed (only MultiFusion / only it right)."""
     runs = read_seed_runs(set_dir)
     seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
@@ -70,7 +70,7 @@ def seed_table(set_dir: Path) -> str:
             cells.append(f"{top1:.3f} / {f1:.3f}")
             if name != FULL and seed in ours:
                 paired.append("{} / {}".format(*paired_counts(labels, ours[seed][1], preds)))
-        mean = f"{np.mean(top1s):.3f} / {np.mean(f1s):.3f}"
+        mean = f"{np.mean(top1s):.3f} / {np.mean(f1s):.3f}" if len(top1s) > 1 else "–"  # one run is no mean
         label = f"**{LABELS.get(name, name)}**" if name == FULL else LABELS.get(name, name)
         lines.append(f"| {label} | {' | '.join(cells)} | {mean} | {', '.join(paired) or '–'} |")
     return "\n".join(lines)
