@@ -332,3 +332,32 @@ def test_logit_terms_are_the_logits_and_the_bias_share_is_measured(make_config):
     rows = text_usage.usage_table({"a": bias, "b": centred}, np.array([0, 1, 2, 0, 1, 2]))
     assert [r[0] for r in rows] == ["a", "b", "all"]
     assert rows[0][3] == 2 / 6  # the bias alone always says class 2
+
+
+def test_the_visual_term_reads_the_image_alone(make_config):
+    """The text adds terms beside the visual classifier and never rewrites its input: other
+    descriptions leave the visual term unchanged and change the two text terms."""
+    torch.manual_seed(0)
+    model = build_model(make_config(SMALL), names(3), random_text()).eval()
+    with torch.no_grad():
+        feats, text = model.forward_features(images(4, 32, seed=2)), model.text_embeddings()  # (B, L, C), (T, C)
+        terms = model.head.logit_terms(feats, text)
+        other = model.head.logit_terms(feats, torch.randn_like(text))
+    assert torch.equal(terms["visual"], other["visual"])
+    assert not torch.allclose(terms["descriptions"], other["descriptions"])
+    assert not torch.allclose(terms["prototypes"], other["prototypes"])
+
+
+def test_only_the_visual_term_trains_the_trunk(make_config):
+    """The two text terms train the text side and the head, never the trunk: their gradient
+    reaches no parameter of the patch embedding, the HNF layers or the global token."""
+    torch.manual_seed(0)
+    model = build_model(make_config(SMALL), names(3), random_text()).eval()
+    trunk = [p for m in (model.embed, model.layers, model.global_proj) for p in m.parameters()]
+    text_side = [*model.text.parameters(), *model.head.text_to_visual.parameters(), *model.head.image_proj.parameters()]
+    terms = model.head.logit_terms(model.forward_features(images(4, 32, seed=3)), model.text_embeddings())
+    (terms["descriptions"] + terms["prototypes"]).pow(2).sum().backward(retain_graph=True)
+    assert all(p.grad is None for p in trunk)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in text_side)
+    terms["visual"].pow(2).sum().backward()
+    assert sum(float(p.grad.abs().sum()) for p in trunk if p.grad is not None) > 0

@@ -9,11 +9,18 @@ Heads (``fusion.mode`` / ``fusion.text``):
 - ``CrossModalHead`` (mha): multi-head cross-attention both ways between the visual
   tokens (B, L, C) (the h_fus of every HNF layer) and the text embeddings (T, C)
   broadcast to the batch. Three terms per class k: a linear classifier on the
-  concatenated visual tokens (each layer's token keeps its own weights: nothing is averaged away); the match score of each description of class k after it has attended
+  concatenated visual tokens alone (each layer's token keeps its own weights: nothing is
+  averaged away; the same classifier as VisualHead); the match score of each description of class k after it has attended
   to the image (text-to-visual attention, read out per description, so which class's
   description matched is kept), averaged over k's descriptions; and the scaled cosine
-  similarity between the image embedding and k's mean description embedding
-  (CLIP-style prototypes).
+  similarity between the image embedding (the visual tokens after visual-to-text
+  attention) and k's mean description embedding (CLIP-style prototypes). The text adds
+  terms beside the image's own evidence and never rewrites it: the visual classifier reads
+  the tokens as they are, and the two text terms read them detached, so only the visual
+  term trains the trunk. Measured on NCM (one seed, 2026-11-30): with the text rewriting
+  the classifier's input and training the trunk, 0.935 / 0.909 top-1 / macro-F1, below the
+  model without text (0.962 / 0.934; 0.969 / 0.938 at a second seed); with neither,
+  0.959 / 0.936.
 - ``ConcatHead`` (concat, "simple fusion"): [visual tokens, mean text] -> linear classifier.
 - ``VisualHead`` (text off): visual tokens -> linear classifier.
 """
@@ -89,7 +96,8 @@ class CrossModalHead(nn.Module):
         self.norm_t = nn.LayerNorm(dim)
         self.visual_to_text = CrossAttention(dim, heads, dropout)  # visual queries attend to text
         self.text_to_visual = CrossAttention(dim, heads, dropout)  # text queries attend to visual
-        self.norm = nn.LayerNorm(num_layers * dim)
+        self.norm = nn.LayerNorm(num_layers * dim)  # the visual classifier's input: the tokens alone
+        self.fused_norm = nn.LayerNorm(num_layers * dim)  # the prototype match's input: the tokens after reading the text
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(num_layers * dim, num_classes)
         self.match_norm = nn.LayerNorm(dim)
@@ -117,16 +125,19 @@ class CrossModalHead(nn.Module):
         """The three terms of the logits, each (B, K): ``visual`` (the classifier on the visual
         tokens), ``descriptions`` (each class's descriptions' match with the image after
         text-to-visual attention) and ``prototypes`` (scaled cosine to the class text prototypes)."""
-        v = visual + self.layer_embed  # (B, L, C)
+        # the text terms read the visual tokens but do not train the trunk (detached): the image
+        # features are learned from the image's own evidence, the text adds terms beside it
+        v = visual.detach() + self.layer_embed  # (B, L, C)
         t = text.unsqueeze(0).expand(v.shape[0], -1, -1)  # (B, T, C): identical for every image
         v_n, t_n = self.norm_v(v), self.norm_t(t)
         keys = torch.cat([self.null_token.expand(v.shape[0], -1, -1), v_n], dim=1)  # (B, 1+L, C)
-        v = v + self.visual_to_text(v_n, t_n)  # (B, L, C)
-        t = t + self.text_to_visual(t_n, keys)  # (B, T, C)
-        pooled = self.drop(self.norm(v.flatten(1)))  # (B, L*C)
+        v = v + self.visual_to_text(v_n, t_n)  # (B, L, C): the image's tokens after reading the descriptions
+        t = t + self.text_to_visual(t_n, keys)  # (B, T, C): each description after reading the image
+        pooled = self.drop(self.norm(visual.flatten(1)))  # (B, L*C): the image alone, as VisualHead reads it
+        fused = self.drop(self.fused_norm(v.flatten(1)))  # (B, L*C)
         match = self.match(self.drop(self.match_norm(t))).squeeze(-1)  # (B, T): each description vs this image
         one_hot = self.class_one_hot(match.dtype)  # (T, K)
-        image = F.normalize(self.image_proj(pooled), dim=-1)  # (B, C)
+        image = F.normalize(self.image_proj(fused), dim=-1)  # (B, C)
         prototypes = F.normalize(self.class_prototypes(text), dim=-1)  # (K, C)
         return {
             "visual": self.classifier(pooled),
