@@ -332,6 +332,10 @@ def test_logit_terms_are_the_logits_and_the_bias_share_is_measured(make_config):
     rows = text_usage.usage_table({"a": bias, "b": centred}, np.array([0, 1, 2, 0, 1, 2]))
     assert [r[0] for r in rows] == ["a", "b", "all"]
     assert rows[0][3] == 2 / 6  # the bias alone always says class 2
+    from sklearn.metrics import f1_score
+
+    assert rows[0][4] == pytest.approx(f1_score([0, 1, 2, 0, 1, 2], [2] * 6, average="macro"))  # 1/6
+    assert rows[1][5] == rows[0][3] and rows[1][6] == rows[0][4]  # the whole logits without b are a alone
 
 
 def test_the_visual_term_reads_the_image_alone(make_config):
