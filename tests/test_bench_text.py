@@ -1,5 +1,6 @@
-"""bench/text_vs_image.py: the class-similarity structure of text and images, checked against
-scikit-learn's cosine similarity and hand-made structures."""
+"""The benches that measure what the text can do: bench/text_vs_image.py (the class-similarity
+structure of text and images, against scikit-learn's cosine similarity and hand-made
+structures) and bench/subsample_train.py (the low-label training sets)."""
 
 import importlib.util
 from pathlib import Path
@@ -41,3 +42,26 @@ def test_compare_structure_agrees_with_itself_and_names_each_nearest_class():
     rho, _, nearest = text_vs_image.compare_structure(sim, crossed)
     assert rho < 0.5
     assert [image for _, _, image in nearest] == [2, 3, 0, 1]
+
+
+def test_subsample_train_keeps_k_per_class_and_every_val_and_test_image(make_prepared, tmp_path):
+    from multifusion.data.dataset import load_prepared
+
+    spec = importlib.util.spec_from_file_location("subsample_train", Path(__file__).parents[1] / "bench/subsample_train.py")
+    subsample_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(subsample_train)
+    source = make_prepared(per_class={"train": 6, "val": 2, "test": 3}, classes=3)
+    counts = subsample_train.subsample(source, tmp_path / "k4", per_class=4, seed=0)
+    assert counts == {"train": 12, "val": 6, "test": 9}
+    full, small = load_prepared(source), load_prepared(tmp_path / "k4")
+    assert small.classes == full.classes
+    assert small.manifest[small.manifest.split == "train"].groupby("label").size().tolist() == [4, 4, 4]
+    for split in ("val", "test"):  # untouched, image for image
+        np.testing.assert_array_equal(np.asarray(small.images)[small.split_indices(split)], np.asarray(full.images)[full.split_indices(split)])
+    kept = small.manifest.id.tolist()
+    rows = {row_id: i for i, row_id in enumerate(full.manifest.id)}
+    np.testing.assert_array_equal(np.asarray(small.images), np.asarray(full.images)[[rows[i] for i in kept]])
+    assert subsample_train.subsample(source, tmp_path / "again", per_class=4, seed=0) == counts
+    assert load_prepared(tmp_path / "again").manifest.id.tolist() == kept  # the draw is fixed by the seed
+    with pytest.raises(ValueError, match="another directory"):
+        subsample_train.subsample(source, source, per_class=4, seed=0)
