@@ -36,11 +36,12 @@ def logit_terms(model: torch.nn.Module, images_u8: np.ndarray, batch_size: int, 
     """uint8 images (N, S, S) -> {term: (N, K)} of the model's cross-modal head, eval mode;
     ``tta``: each term averaged over the 8 dihedral views, as evaluate averages the logits."""
     model.eval()
+    text = model.text_embeddings()  # (T, C): the same for every image
     chunks: dict[str, list[torch.Tensor]] = {}
     for start in range(0, len(images_u8), batch_size):
         x = to_model_input(np.asarray(images_u8[start : start + batch_size]))  # (B, 1, S, S)
         views = dihedral_views(x) if tta else [x]
-        per_view = [model.head.logit_terms(model.forward_features(v), model.text_embeddings()) for v in views]
+        per_view = [model.head.logit_terms(model.forward_features(v), text) for v in views]
         for name in per_view[0]:
             chunks.setdefault(name, []).append(sum(terms[name] for terms in per_view) / len(views))  # (B, K)
     return {name: torch.cat(values).numpy() for name, values in chunks.items()}
