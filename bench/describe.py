@@ -24,7 +24,7 @@ import openai
 
 REPO = Path(__file__).resolve().parents[1]
 
-from multifusion.config import load_config  # noqa: E402
+from multifusion.core.config import load_config  # noqa: E402
 from multifusion.llm.cache import ResponseCache  # noqa: E402
 from multifusion.llm.openai_provider import run_openai  # noqa: E402
 from multifusion.llm.prompts import ClassInfo, load_prompt_set  # noqa: E402

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multifusion.config import load_config
+from multifusion.core.config import load_config
 from multifusion.data.dataset import to_model_input
 from multifusion.data.preprocess import load_micrograph
-from multifusion.evaluate import predict_probs
+from multifusion.evaluation.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline
-from multifusion.predict import predict_paths
-from multifusion.saved_model import load_model, save_model
+from multifusion.inference.predict import predict_paths
+from multifusion.model.card import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

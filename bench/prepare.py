@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multifusion.config import load_config
+from multifusion.core.config import load_config
 from multifusion.data.ingest import Record, prepare_file
 from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph

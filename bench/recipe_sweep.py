@@ -17,7 +17,7 @@ import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 import torch.multiprocessing as mp
 
-from multifusion.evaluate import dihedral_views
+from multifusion.evaluation.evaluate import dihedral_views
 
 ARGS = {}
 
@@ -50,13 +50,13 @@ def scores(probs, labels):
 
 
 def run(spec, dev):
-    from multifusion.config import load_config, config_from_dict, apply_overrides
+    from multifusion.core.config import load_config, config_from_dict, apply_overrides
     from multifusion.model import build_model
     from multifusion.model.baselines import build_baseline
     from multifusion.text.features import TextFeatures
     from multifusion.data.dataset import load_prepared, augment_batch
-    from multifusion.optim import adamw, warmup_cosine
-    from multifusion.train import class_weights
+    from multifusion.core.optim import adamw, warmup_cosine
+    from multifusion.training.train import class_weights
     cfg = load_config(spec["_params"])
     ov = dict(spec.get("overrides", {}))
     cfg = config_from_dict(apply_overrides(cfg.to_dict(), ov))

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-from multifusion.config import TextConfig, load_config
-from multifusion.runtime import cpu_threads
+from multifusion.core.config import TextConfig, load_config
+from multifusion.core.runtime import cpu_threads
 from multifusion.text.base import materialise
 from multifusion.text.corpus import Corpus, build_corpus, load_descriptions
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens

@@ -26,9 +26,9 @@ import torch
 from sklearn.metrics import f1_score
 
 from multifusion.data.dataset import load_prepared, to_model_input
-from multifusion.evaluate import dihedral_views
+from multifusion.evaluation.evaluate import dihedral_views
 from multifusion.model.fusion import CrossModalHead
-from multifusion.saved_model import load_model
+from multifusion.model.card import load_model
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from multifusion.data.dataset import load_prepared, to_model_input
-from multifusion.saved_model import load_model
+from multifusion.model.card import load_model
 from multifusion.text.features import TextFeatures
 
 

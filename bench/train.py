@@ -7,7 +7,7 @@ baselines at the same image size, batch and recipe, in the same run.
     python bench/train.py --models hnf,resnet18 --to-accuracy 0.8 \
         --prepared data/prepared --text data/text_features      # seconds until test top-1 >= 0.8
 
-Time-to-accuracy trains each model with the default recipe (multifusion.train: AdamW,
+Time-to-accuracy trains each model with the default recipe (multifusion.training.train: AdamW,
 warmup + cosine over train.epochs, augmentation, class-weighted loss) on the prepared
 train split, scores the test split after every epoch under the test-time policy
 (evaluate.tta) and reports the training seconds (scoring excluded) until top-1 first
@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from multifusion.config import Config, load_config
+from multifusion.core.config import Config, load_config
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline
 from multifusion.text.features import TextFeatures, random_text_features
@@ -114,10 +114,10 @@ def time_to_accuracy(
     from torch.utils.data import DataLoader
 
     from multifusion.data.dataset import SplitDataset, collate_batch, load_prepared
-    from multifusion.evaluate import predict_logits
-    from multifusion.optim import adamw, warmup_cosine
-    from multifusion.runtime import Runtime
-    from multifusion.train import class_weights, epoch_order, rank_batches, train_one_epoch
+    from multifusion.evaluation.evaluate import predict_logits
+    from multifusion.core.optim import adamw, warmup_cosine
+    from multifusion.core.runtime import Runtime
+    from multifusion.training.train import class_weights, epoch_order, rank_batches, train_one_epoch
 
     prepared = load_prepared(prepared_dir)
     k, train = len(prepared.classes), cfg.train

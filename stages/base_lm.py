@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.text.base import materialise
 
 

@@ -7,7 +7,7 @@ train one baseline or MultiFusion ablation exactly as `train`, score it on the t
         --plots plots/compare/resnet18
 
 Writes the weights + config (models/compare/<name>/, loadable with
-multifusion.saved_model.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
+multifusion.model.card.load_model), test metrics (top1..top5, macro P/R/F1, ECE, plus
 params, train_seconds and, with compare.robustness, shifted_top1), the per-image test
 predictions (--plots/confusion.csv: the report's paired test against MultiFusion) and dvclive
 curves.
@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.cli_errors import run_stage
-from multifusion.compare import run_comparison
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.training.compare import run_comparison
+from multifusion.core.config import load_config
 from multifusion.data.dataset import load_prepared
-from multifusion.evaluate import write_confusion_csv
-from multifusion.json_files import write_json
+from multifusion.evaluation.evaluate import write_confusion_csv
+from multifusion.core.json_files import write_json
 
 
 def main() -> None:

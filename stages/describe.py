@@ -17,8 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.llm.curated import CuratedMissingError
 from multifusion.llm.describe import DescribeError, describe, read_classes, write_outputs
 from multifusion.llm.openai_provider import LLMFatalError

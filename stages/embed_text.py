@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, whatever th
 
 import torch  # noqa: E402
 
-from multifusion.cli_errors import run_stage  # noqa: E402
-from multifusion.config import load_config  # noqa: E402
-from multifusion.runtime import cpu_threads  # noqa: E402
+from multifusion.core.errors import run_stage  # noqa: E402
+from multifusion.core.config import load_config  # noqa: E402
+from multifusion.core.runtime import cpu_threads  # noqa: E402
 from multifusion.text.corpus import load_descriptions  # noqa: E402
 from multifusion.text.encoder import build_sentence_encoder, save_sentence_encoder, text_features  # noqa: E402
 

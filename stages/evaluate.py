@@ -16,14 +16,14 @@ from pathlib import Path
 
 from sklearn.metrics import confusion_matrix
 
-from multifusion.calibration import calibration_summary
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.evaluation.calibration import calibration_summary
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.data.dataset import load_prepared
-from multifusion.evaluate import evaluate_split, plot_confusion_png, write_confusion_csv
-from multifusion.json_files import write_json
-from multifusion.runtime import resolve_device
-from multifusion.saved_model import load_model
+from multifusion.evaluation.evaluate import evaluate_split, plot_confusion_png, write_confusion_csv
+from multifusion.core.json_files import write_json
+from multifusion.core.runtime import resolve_device
+from multifusion.model.card import load_model
 
 
 def main() -> None:

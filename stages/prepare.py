@@ -8,10 +8,10 @@ import logging
 import sys
 import time
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.data.prepare import PrepareError, prepare_dataset
-from multifusion.timings import write_timing
+from multifusion.core.timings import write_timing
 
 
 def main() -> None:

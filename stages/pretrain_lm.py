@@ -18,14 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub, whatever th
 
 from dvclive import Live  # noqa: E402
 
-from multifusion.cli_errors import run_stage  # noqa: E402
-from multifusion.config import load_config  # noqa: E402
-from multifusion.json_files import write_json  # noqa: E402
+from multifusion.core.errors import run_stage  # noqa: E402
+from multifusion.core.config import load_config  # noqa: E402
+from multifusion.core.json_files import write_json  # noqa: E402
 from multifusion.text.corpus import build_corpus, load_descriptions  # noqa: E402
 from multifusion.text.base import BaseInfo, read_base  # noqa: E402
 from multifusion.text.pretrain import PretrainResult, pretrain, save_lm  # noqa: E402
 from multifusion.text.retrieval import retrieval_accuracy  # noqa: E402
-from multifusion.timings import write_timing  # noqa: E402
+from multifusion.core.timings import write_timing  # noqa: E402
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
-from multifusion.report import report_from_files
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
+from multifusion.reporting.report import report_from_files
 
 
 def main() -> None:

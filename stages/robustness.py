@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.data.dataset import load_prepared
-from multifusion.robustness import evaluate_under_shifts, robustness_table
-from multifusion.robustness_plot import plot_robustness
-from multifusion.json_files import write_json
-from multifusion.runtime import resolve_device
-from multifusion.saved_model import load_model
+from multifusion.evaluation.robustness import evaluate_under_shifts, robustness_table
+from multifusion.evaluation.robustness_plot import plot_robustness
+from multifusion.core.json_files import write_json
+from multifusion.core.runtime import resolve_device
+from multifusion.model.card import load_model
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.data.synthesize import generate_dataset
-from multifusion.timings import write_timing
+from multifusion.core.timings import write_timing
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from multifusion.cli_errors import run_stage
-from multifusion.config import load_config
+from multifusion.core.errors import run_stage
+from multifusion.core.config import load_config
 from multifusion.data.dataset import load_prepared
 from multifusion.model import build_model
 from multifusion.text.features import TextFeatures
-from multifusion.train import fit
+from multifusion.training.train import fit
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ def repo_root() -> Path:
 @pytest.fixture
 def make_config():
     """``make_config({"hnf.layers": 2})`` -> Config from params.yaml with overrides."""
-    from multifusion.config import load_config
+    from multifusion.core.config import load_config
 
     def _make(overrides: dict[str, Any] | None = None):
         return load_config(REPO_ROOT / "params.yaml", overrides)

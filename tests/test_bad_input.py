@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from multifusion.cli_errors import UserError, one_line, run_stage
-from multifusion.config import RULES, ConfigError, load_config
+from multifusion.core.errors import UserError, one_line, run_stage
+from multifusion.core.config import RULES, ConfigError, load_config
 from multifusion.data.layout import scan_folder
 from multifusion.data.prepare import MIN_GROUPS, PrepareError, prepare_dataset
 
@@ -205,7 +205,7 @@ def test_zero_top_k_or_batch_size_is_refused(tmp_path, shots, flag):
 
 @pytest.fixture
 def model_dir(tmp_path, make_config) -> Path:
-    from multifusion.saved_model import save_model
+    from multifusion.model.card import save_model
     from multifusion.model import build_model
 
     cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "hnf.stem": "conv", "data.image_size": 32, "fusion.text": False})
@@ -233,7 +233,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))
 def test_corrupt_model_dir_names_file_problem_and_fix(model_dir, case):
-    from multifusion.saved_model import ModelDirError, load_model
+    from multifusion.model.card import ModelDirError, load_model
 
     name, problem, corrupt = CORRUPTIONS[case]
     corrupt(model_dir)
@@ -378,7 +378,7 @@ class Exploit:
 
 
 def test_training_state_loads_weights_only_and_checks_the_fingerprint(tmp_path, capsys):
-    from multifusion.train_state import TRAIN_STATE, load_training_state, rng_states, save_training_state
+    from multifusion.training.train_state import TRAIN_STATE, load_training_state, rng_states, save_training_state
 
     state = {"fingerprint": "run-a", "epoch": 3, "model": {"w": torch.ones(2)}, "rng": rng_states(),
              "history": [{"val/acc": np.float64(0.5), "lr": 0.001}], "best_f1": 0.4}

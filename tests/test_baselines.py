@@ -162,7 +162,7 @@ def test_mrconv_equals_loop_reference() -> None:
 def test_every_comparison_model_builds_and_runs(make_config) -> None:
     """Each name of compare.models: its config (ablation overrides applied) builds a model
     mapping grey images to logits; unknown names are a clear error."""
-    from multifusion.compare import build_variant, variant_config
+    from multifusion.training.compare import build_variant, variant_config
     from multifusion.text.features import random_text_features
 
     cfg = make_config({"hnf.dim": 16, "hnf.layers": 2})
@@ -184,7 +184,7 @@ def test_every_comparison_model_builds_and_runs(make_config) -> None:
 def test_a_model_recipe_sets_its_optimiser_and_never_the_budget(make_config) -> None:
     """compare.recipes: the named model trains with its own train.* optimiser keys, every
     other model with the shared ones; a recipe touching the budget is a one-line error."""
-    from multifusion.compare import variant_config
+    from multifusion.training.compare import variant_config
 
     cfg = make_config({"compare.recipes": {"swin_tiny": {"train.lr": 0.0001, "train.warmup_epochs": 3}}})
     swin = variant_config(cfg, "swin_tiny")

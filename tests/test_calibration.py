@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from multifusion.calibration import fit_temperature, nll
-from multifusion.evaluate import expected_calibration_error, softmax
+from multifusion.evaluation.calibration import fit_temperature, nll
+from multifusion.evaluation.evaluate import expected_calibration_error, softmax
 
 
 def overconfident(n: int = 600, c: int = 5, scale: float = 4.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +63,8 @@ def test_edge_cases():
 
 def test_fit_saves_the_validation_temperature(make_prepared, make_config, tmp_path):
     from multifusion.data.dataset import load_prepared
-    from multifusion.evaluate import predict_logits
-    from multifusion.train import fit
+    from multifusion.evaluation.evaluate import predict_logits
+    from multifusion.training.train import fit
 
     prepared_dir = make_prepared(per_class={"train": 8, "val": 20, "test": 4})  # enough val images to support a fit
     cfg = make_config({"data.image_size": 16, "hnf.stem": "conv", "train.epochs": 2, "train.batch_size": 8})
@@ -92,7 +92,7 @@ def near_copies(n_groups: int, per_group: int, margin: float, seed: int, c: int 
 
 
 def test_perfect_small_validation_keeps_t_at_1_where_a_plain_fit_collapses():
-    from multifusion.calibration import calibrate_temperature, fit_bounded
+    from multifusion.evaluation.calibration import calibrate_temperature, fit_bounded
 
     val_logits, val_labels, groups = near_copies(5, 8, margin=4.0, seed=0)  # 5 source micrographs, all right
     unguarded = fit_bounded(torch.as_tensor(val_logits), torch.as_tensor(val_labels))
@@ -109,7 +109,7 @@ def test_perfect_small_validation_keeps_t_at_1_where_a_plain_fit_collapses():
 
 
 def test_one_error_in_few_groups_is_cross_validated_away():
-    from multifusion.calibration import calibrate_temperature
+    from multifusion.evaluation.calibration import calibrate_temperature
 
     logits, labels, groups = near_copies(6, 6, margin=5.0, seed=2)
     logits[0, labels[0]] -= 8.0  # one confident mistake in group 0
@@ -121,7 +121,7 @@ def test_one_error_in_few_groups_is_cross_validated_away():
 
 
 def test_supported_fit_is_used_and_recorded():
-    from multifusion.calibration import calibrate_temperature, calibration_summary
+    from multifusion.evaluation.calibration import calibrate_temperature, calibration_summary
 
     logits, labels = overconfident(scale=3.0, seed=3)
     fit = calibrate_temperature(logits, labels)
@@ -136,7 +136,7 @@ def test_supported_fit_is_used_and_recorded():
 def test_bounded_fit_matches_scipy(scale):
     from scipy.optimize import minimize_scalar
 
-    from multifusion.calibration import T_MAX, T_MIN, fit_bounded
+    from multifusion.evaluation.calibration import T_MAX, T_MIN, fit_bounded
 
     logits, labels = overconfident(n=300, scale=scale, seed=4)
     ours = fit_bounded(torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels))

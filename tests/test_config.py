@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from multifusion.config import ConfigError, config_from_dict, load_config
+from multifusion.core.config import ConfigError, config_from_dict, load_config
 
 
 def test_params_yaml_loads(repo_root):

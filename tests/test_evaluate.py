@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from multifusion.data.dataset import load_prepared, to_model_input
-from multifusion.evaluate import (
+from multifusion.evaluation.evaluate import (
     classification_metrics,
     expected_calibration_error,
     macro_scores,
@@ -26,9 +26,9 @@ from multifusion.evaluate import (
     top_k_accuracy,
     write_confusion_csv,
 )
-from multifusion.json_files import write_json
+from multifusion.core.json_files import write_json
 from multifusion.model import build_model
-from multifusion.saved_model import load_model, save_model
+from multifusion.model.card import load_model, save_model
 from multifusion.text.features import TextFeatures, random_text_features
 
 
@@ -217,7 +217,7 @@ def test_evaluate_stage_writes_metrics_and_plots(make_config, make_prepared, rep
     from scipy.special import softmax as scipy_softmax
     from sklearn.metrics import log_loss, precision_recall_fscore_support, top_k_accuracy_score
 
-    from multifusion.evaluate import predict_logits
+    from multifusion.evaluation.evaluate import predict_logits
 
     cfg, classes = make_config(TINY_HNF), [f"class_{c}" for c in range(5)]
     prepared = make_prepared(classes=5)
@@ -256,7 +256,7 @@ def test_test_time_policy_averages_the_eight_dihedral_views():
     """evaluate.tta: the logits are the mean over the 8 flips/rotations, checked against
     numpy's rot90/fliplr applied to the raw images (an orientation-sensitive linear model)."""
     from multifusion.data.dataset import to_model_input
-    from multifusion.evaluate import predict_logits
+    from multifusion.evaluation.evaluate import predict_logits
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8, 3))

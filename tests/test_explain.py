@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from multifusion.data.dataset import to_model_input
-from multifusion.explain import Explainer, cam_target_layer, explain_batch, grad_cam, overlay, top_descriptions
+from multifusion.inference.explain import Explainer, cam_target_layer, explain_batch, grad_cam, overlay, top_descriptions
 
 S = 32
 
@@ -123,7 +123,7 @@ def test_input_gradient_fallback_points_at_the_only_pixels_the_model_reads():
 
 def test_description_attention_of_multifusion_names_the_stored_descriptions(make_config):
     from multifusion.model import build_model
-    from multifusion.saved_model import text_record
+    from multifusion.model.card import text_record
     from multifusion.text.features import random_text_features
 
     cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": S, "fusion.text": True, "fusion.mode": "mha"})

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from multifusion.model import build_model
 from multifusion.model.patch_embed import derive_patch_sizes
-from multifusion.saved_model import placeholder_text, text_record
+from multifusion.model.card import placeholder_text, text_record
 from multifusion.text.features import TextFeatures, random_text_features
 
 # 32 px, 2 layers at patch sizes 16 and 8 (2 x 2 and 4 x 4 patches), width 16, a

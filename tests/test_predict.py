@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from multifusion.cli import app
 from multifusion.data.preprocess import load_micrograph
-from multifusion.evaluate import predict_probs
+from multifusion.evaluation.evaluate import predict_probs
 from multifusion.model import build_model
-from multifusion.predict import expand_inputs, predict_paths
-from multifusion.saved_model import save_model
+from multifusion.inference.predict import expand_inputs, predict_paths
+from multifusion.model.card import save_model
 
 CLASSES = ["Fibres", "Particles", "Powder"]
 TEMPERATURE = 1.7
@@ -90,7 +90,7 @@ def test_folder_with_bad_files_gives_a_row_each(model_dir, folder, tmp_path):
 
 
 def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
-    from multifusion.saved_model import load_model
+    from multifusion.model.card import load_model
 
     loaded = load_model(model_dir)
     assert loaded.temperature == TEMPERATURE

@@ -10,10 +10,10 @@ import torch
 
 from multifusion.data.dataset import load_prepared
 from multifusion.data.prepare import prepare_dataset
-from multifusion.evaluate import predict_logits
+from multifusion.evaluation.evaluate import predict_logits
 from multifusion.model import build_model
 from multifusion.text.features import random_text_features
-from multifusion.train import fit
+from multifusion.training.train import fit
 
 FIXTURES = "tests/fixtures/ncm_recipe"
 # Only what the tiny set forces: 32 px images (the smallest the pyramid stem takes), a

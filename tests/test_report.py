@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multifusion.report import read_metrics, report_from_files
+from multifusion.reporting.report import read_metrics, report_from_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The paper's published figures (arXiv 2408.13661, SEM set; as DESIGN.md quotes them), typed
-# here from the paper rather than read back from multifusion.report: a typo there fails.
+# here from the paper rather than read back from multifusion.reporting.report: a typo there fails.
 # The report's rows: ours, then compare.models' baselines in order, then the ablations.
 PAPER_TOPK = {"MultiFusion": ("MultiFusion-LLM (GPT-3.5)", "0.947 0.965 0.986 0.991"), "ResNet-18": ("ResNet", "0.512 0.766 0.891 0.906"),
               "ResNet-50": ("ResNet", "0.512 0.766 0.891 0.906"), "ViT-S": ("T2T-ViT", "0.702 0.859 0.906 0.938"),
@@ -109,7 +109,7 @@ def test_missing_or_incomplete_metrics_are_clear_errors(metric_files) -> None:
 
 
 def test_readme_tables_come_from_the_report_files(metric_files) -> None:
-    from multifusion.readme_tables import BEGIN, END, update_readme
+    from multifusion.reporting.readme_tables import BEGIN, END, update_readme
 
     cfg, root, runs = metric_files
     report_from_files(cfg, root / "metrics/eval.json", root / "metrics/compare", root / "reports" / "tiny")
@@ -130,7 +130,7 @@ def test_readme_tables_come_from_the_report_files(metric_files) -> None:
 def test_verdict_calls_a_gap_that_rounds_to_zero_a_tie():
     """The sentence prints 3 decimals, so 0.92217 against 0.92180 is a tie, not 'beats by 0.000'
     (the NCM macro-F1 of MultiFusion and ViG-Ti, 2026-11-30)."""
-    from multifusion.report import verdict
+    from multifusion.reporting.report import verdict
 
     text = verdict({"top1": 0.94198, "macro_f1": 0.92217}, {"vig": {"top1": 0.95222, "macro_f1": 0.92180}})
     assert "top-1 (0.942) falls short of the best baseline's (ViG-Ti (isotropic), 0.952) by 0.010" in text
@@ -142,7 +142,7 @@ def test_mcnemar_exact_matches_scipy_binomtest() -> None:
     """The exact McNemar p is scipy's two-sided binomial test on the discordant pairs."""
     from scipy.stats import binomtest
 
-    from multifusion.paired_test import mcnemar_exact
+    from multifusion.evaluation.paired_test import mcnemar_exact
 
     rng = np.random.default_rng(0)
     for b, c in [(0, 0), (0, 1), (3, 0), (5, 5), (2, 9), *rng.integers(0, 60, size=(30, 2)).tolist()]:
@@ -151,7 +151,7 @@ def test_mcnemar_exact_matches_scipy_binomtest() -> None:
 
 
 def test_paired_counts_on_random_predictions() -> None:
-    from multifusion.paired_test import paired_counts
+    from multifusion.evaluation.paired_test import paired_counts
 
     rng = np.random.default_rng(1)
     labels, a, b = rng.integers(0, 4, size=(3, 200))
@@ -186,7 +186,7 @@ def test_report_sets_every_run_against_ours_image_by_image(metric_files) -> None
     assert summary["resnet18"]["mcnemar_p"] == pytest.approx(2 * 0.5**12)
     # the best fake baseline by metrics is the last in compare.models; its gap of 2 images is chance
     assert "exact McNemar p = 0.50 (within chance" in md
-    from multifusion.readme_tables import BEGIN, END, update_readme
+    from multifusion.reporting.readme_tables import BEGIN, END, update_readme
 
     readme = root / "README.md"
     readme.write_text(f"{BEGIN}\n{END}\n")
@@ -203,7 +203,7 @@ def test_report_sets_every_run_against_ours_image_by_image(metric_files) -> None
 def test_seed_table_is_computed_from_the_per_image_predictions(tmp_path) -> None:
     from sklearn.metrics import f1_score
 
-    from multifusion.seed_runs import read_seed_runs, seed_table
+    from multifusion.reporting.seed_runs import read_seed_runs, seed_table
 
     rng = np.random.default_rng(0)
     labels = rng.choice(["a", "b", "c"], size=60).tolist()
@@ -242,9 +242,9 @@ def test_committed_seed_files_reproduce_their_comparison_reports() -> None:
     they give the report's top-1, macro-F1 and paired counts exactly."""
     import yaml
 
-    from multifusion.evaluate import macro_scores
-    from multifusion.paired_test import paired_counts
-    from multifusion.seed_runs import read_seed_runs
+    from multifusion.evaluation.evaluate import macro_scores
+    from multifusion.evaluation.paired_test import paired_counts
+    from multifusion.reporting.seed_runs import read_seed_runs
 
     checked = 0
     for set_dir in sorted((REPO_ROOT / "reports").iterdir()):

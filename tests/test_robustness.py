@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from multifusion.config import RobustnessConfig
+from multifusion.core.config import RobustnessConfig
 from multifusion.data.resample import resize
-from multifusion.shifts import (
+from multifusion.evaluation.shifts import (
     SHIFTS,
     brightness,
     contrast,
@@ -185,7 +185,7 @@ class MeanBrightnessClassifier(torch.nn.Module):
 
 def test_evaluate_under_shifts_scores_each_severity(make_config):
     from multifusion.data.dataset import to_model_input
-    from multifusion.robustness import evaluate_under_shifts, robustness_table
+    from multifusion.evaluation.robustness import evaluate_under_shifts, robustness_table
 
     cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5})
     rng = np.random.default_rng(3)

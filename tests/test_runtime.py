@@ -1,4 +1,4 @@
-"""multifusion.runtime: the device of a ``*.device`` param (errors name that param), the
+"""multifusion.core.runtime: the device of a ``*.device`` param (errors name that param), the
 single-process runtime, seeding of every global RNG, and the CPU thread count."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from multifusion.runtime import cpu_threads, resolve_device, seed_everything, setup_runtime, teardown_runtime
+from multifusion.core.runtime import cpu_threads, resolve_device, seed_everything, setup_runtime, teardown_runtime
 
 
 @pytest.mark.parametrize("key", ["train.device", "evaluate.device"])

@@ -1,4 +1,4 @@
-"""Saved models (multifusion.saved_model): a model saved before params.yaml gained keys loads
+"""Saved models (multifusion.model.card): a model saved before params.yaml gained keys loads
 with the current values filled in and a note naming them, and predicts as it did when it was
 saved; unknown keys, keys nobody has a value for, and filled keys the weights contradict are
 one-line errors naming the keys."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from multifusion import saved_model
-from multifusion.evaluate import predict_probs
+from multifusion.model import card as saved_model
+from multifusion.evaluation.evaluate import predict_probs
 from multifusion.model import build_model
-from multifusion.saved_model import CONFIG, FilledParamsWarning, ModelDirError, load_model, save_model
+from multifusion.model.card import CONFIG, FilledParamsWarning, ModelDirError, load_model, save_model
 from multifusion.text.features import random_text_features
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from multifusion.cli import app
 from multifusion.model import build_model
-from multifusion.predict import predict_paths
-from multifusion.saved_model import save_model
+from multifusion.inference.predict import predict_paths
+from multifusion.model.card import save_model
 from multifusion.text.features import random_text_features
 
 CLASSES = ["Fibres", "Particles", "Powder"]

@@ -27,7 +27,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from multifusion.model import build_model
-from multifusion.train import class_weights, fit
+from multifusion.training.train import class_weights, fit
 
 # -- hnf.stem: linear ---------------------------------------------------------------------
 

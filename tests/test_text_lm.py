@@ -89,7 +89,7 @@ def descriptions(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, descriptions):
     """One short pretraining run shared by the tests below: (config, result, lm_dir)."""
-    from multifusion.config import load_config
+    from multifusion.core.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", {**SMALL, "text.steps": 150, "text.lr": 0.005})
     corpus = build_corpus(load_descriptions(descriptions[0]), cfg.text.heldout, cfg.seed)
@@ -407,7 +407,7 @@ def minilm_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def nffa(tmp_path_factory) -> pd.DataFrame:
     """The curated NFFA descriptions (10 classes x 5 templates), as stage describe writes them."""
-    from multifusion.config import load_config
+    from multifusion.core.config import load_config
     from multifusion.llm.describe import describe
 
     cfg = load_config(REPO / "params.yaml", {"llm.provider": "curated", "llm.classes_file": str(REPO / "prompts" / "classes.yaml")})
@@ -420,7 +420,7 @@ def nffa(tmp_path_factory) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def adapted(minilm_dir, nffa):
     """A few steps of continued MLM pretraining of MiniLM on the NFFA sentences: (config, result)."""
-    from multifusion.config import load_config
+    from multifusion.core.config import load_config
 
     cfg = load_config(REPO / "params.yaml", ADAPT)
     corpus = build_corpus(nffa, cfg.text.heldout, cfg.seed)

@@ -22,17 +22,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from multifusion.data.dataset import SplitDataset, augment_batch, load_prepared, to_model_input
-from multifusion.optim import optimizer_step, warmup_cosine, warmup_linear
-from multifusion.train import epoch_order, rank_batches
-from multifusion.train_state import TRAIN_STATE
+from multifusion.core.optim import optimizer_step, warmup_cosine, warmup_linear
+from multifusion.training.train import epoch_order, rank_batches
+from multifusion.training.train_state import TRAIN_STATE
 
 # A tiny model and a command line around fit(), run in subprocesses (kill, DDP) and
 # imported in-process for the reference runs, so both build the very same model.
 WORKER = '''
 import json, os, sys, time
 import torch, torch.nn as nn
-from multifusion.config import load_config
-from multifusion.train import fit
+from multifusion.core.config import load_config
+from multifusion.training.train import fit
 
 class Tiny(nn.Module):
     """(B, 1, S, S) -> (B, C); sleeps per training step when slow (to be killed mid-run)."""
@@ -118,7 +118,7 @@ def test_warmup_then_cosine():
 
 
 def previous_train_schedule(warmup_steps, total_steps, step):
-    """train.py's LR lambda before the schedules moved to multifusion.optim (issue 15)."""
+    """train.py's LR lambda before the schedules moved to multifusion.core.optim (issue 15)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

@@ -34,7 +34,7 @@ def describe(
 
     import yaml
 
-    from multifusion.config import ConfigError, load_config
+    from multifusion.core.config import ConfigError, load_config
     from multifusion.llm import describe as run_describe
     from multifusion.llm import dry_run as plan_dry_run
     from multifusion.llm import format_dry_run, read_classes, write_outputs
@@ -74,7 +74,7 @@ def predict(
     params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
 ) -> None:
     """Classify micrographs with a trained model; unreadable files are listed, never fatal."""
-    from multifusion.predict import predict_paths, predict_settings
+    from multifusion.inference.predict import predict_paths, predict_settings
 
     try:
         settings = predict_settings(model, params)
@@ -108,7 +108,7 @@ def explain(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Explanation overlays (where on the micrograph the call came from) as PNGs, for papers and slides."""
-    from multifusion.overlays import explain_paths
+    from multifusion.inference.overlays import explain_paths
 
     try:
         rows = explain_paths(model, paths, out, size=size, target=target, device=device)

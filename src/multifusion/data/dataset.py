@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from multifusion.config import AugmentConfig
+from multifusion.core.config import AugmentConfig
 from multifusion.data.split import SPLITS
 
 IMAGES = "images.npy"

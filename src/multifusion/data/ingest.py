@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from multifusion.config import DataConfig
+from multifusion.core.config import DataConfig
 from multifusion.data.decode import ImageError, decode_image
 from multifusion.data.hashes import image_sha256, perceptual_hash, pixel_hash
 from multifusion.data.parallel import parallel_map

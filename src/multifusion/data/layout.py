@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multifusion.cli_errors import UserError
+from multifusion.core.errors import UserError
 from multifusion.data.split import SPLITS
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from multifusion.cli_errors import UserError
-from multifusion.config import DataConfig
+from multifusion.core.errors import UserError
+from multifusion.core.config import DataConfig
 from multifusion.data.ingest import Record, prepare_files
 from multifusion.data.layout import LayoutError, Scan, scan_folder
 from multifusion.data.split import (MIN_GROUPS, SPLITS, assign_splits, connected_groups, near_duplicate_pairs,
                                     pattern_pairs)
-from multifusion.json_files import write_json
+from multifusion.core.json_files import write_json
 
 log = logging.getLogger("multifusion.prepare")
 
@@ -187,7 +187,7 @@ def _grouping_figures(manifest: pd.DataFrame) -> dict[str, int]:
 def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, seed: int,
                     progress: bool = True) -> dict[str, Any]:
     """Scan, decode, de-duplicate, group and split ``root``; write ``out_dir``; return the report.
-    Every byte written depends on the inputs only (no timings: see multifusion.timings)."""
+    Every byte written depends on the inputs only (no timings: see multifusion.core.timings)."""
     root, out_dir = Path(root), Path(out_dir)
     scan = _scan(root)
     good, skipped, duplicates, conflicts = _ingest(scan, data, progress)

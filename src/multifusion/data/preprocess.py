@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from multifusion.config import DataConfig
+from multifusion.core.config import DataConfig
 from multifusion.data.decode import ImageError, decode_image, grey_pixels
 from multifusion.data.infobar import bar_search_start, bar_top
 from multifusion.data.resample import resize

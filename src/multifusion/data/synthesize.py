@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
-from multifusion.config import SynthesizeConfig
+from multifusion.core.config import SynthesizeConfig
 from multifusion.data.morphology import RENDERERS
 from multifusion.data.parallel import parallel_map
 

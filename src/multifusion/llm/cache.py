@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from multifusion.cli_errors import UserError
+from multifusion.core.errors import UserError
 
 SHARD_GLOB = "shard-*.parquet"
 RUN_SUFFIX = "-run.parquet"  # a run's merged shard; any other shard is a batch of an unfinished run

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from multifusion.config import LLM_PROVIDERS, LLMConfig
-from multifusion.json_files import write_json
+from multifusion.core.config import LLM_PROVIDERS, LLMConfig
+from multifusion.core.json_files import write_json
 from multifusion.llm.cache import ResponseCache
 from multifusion.llm.curated import CuratedTexts, curated_answers, load_curated, missing_requests, uncurated_classes
 from multifusion.llm.label import PROVIDER as LABEL_PROVIDER
@@ -32,7 +32,7 @@ from multifusion.llm.openai_provider import LLMFatalError, api_key_from_env, res
 from multifusion.llm.prompts import ClassInfo, extract_description, load_classes_file, load_prompt_set
 from multifusion.llm.requests import LLMRequest, plan_requests
 
-PROVIDERS = LLM_PROVIDERS  # the allowed llm.provider values live with the params (multifusion.config)
+PROVIDERS = LLM_PROVIDERS  # the allowed llm.provider values live with the params (multifusion.core.config)
 COLUMNS = ["class_name", "label", "template", "sample", "provider", "model", "prompt", "response", "description", "key"]
 CHARS_PER_TOKEN = 4  # rough English average, for dry-run estimates only
 log = logging.getLogger("multifusion.describe")

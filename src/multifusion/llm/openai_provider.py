@@ -27,7 +27,7 @@ from pathlib import Path
 
 import openai
 
-from multifusion.config import LLMConfig
+from multifusion.core.config import LLMConfig
 from multifusion.llm.cache import CachedResponse, ResponseCache
 from multifusion.llm.prompts import extract_description
 from multifusion.llm.requests import LLMRequest, canonical_json

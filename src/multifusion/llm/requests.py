@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from multifusion.config import LLMConfig
+from multifusion.core.config import LLMConfig
 from multifusion.llm.prompts import ClassInfo, PromptSet, build_messages
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multifusion.config import LLMConfig
+from multifusion.core.config import LLMConfig
 from multifusion.llm.curated import CURATED_DIR, CuratedMissingError, load_curated
 from multifusion.llm.prompts import ClassInfo, load_classes_file
 

@@ -6,7 +6,7 @@
 
 The text features of all class descriptions live inside the model as persistent buffers;
 to rebuild a model before ``load_state_dict``, pass a TextFeatures of zeros of the stored
-shape with the stored class names (``multifusion.saved_model.placeholder_text``).
+shape with the stored class names (``multifusion.model.card.placeholder_text``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from multifusion.config import Config
+from multifusion.core.config import Config
 from multifusion.model.hnf import MultiFusion
 from multifusion.text.features import TextFeatures
 

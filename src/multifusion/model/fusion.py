@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multifusion.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
+from multifusion.core.config import FUSION_MODES as MODES  # noqa: F401 -- the allowed fusion.mode values live with the params
 from multifusion.model.layers import CrossAttention
 
 

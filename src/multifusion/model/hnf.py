@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from multifusion.config import Config
+from multifusion.core.config import Config
 from multifusion.model.fusion import MODES, ConcatHead, CrossModalHead, TextEmbedding, VisualHead
 from multifusion.model.graph import PatchGraphEncoder
 from multifusion.model.moe import MoEGate

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from multifusion.config import SEQUENCE_ENCODERS, SOLVERS, HNFConfig, ODEConfig  # choices live with the params
+from multifusion.core.config import SEQUENCE_ENCODERS, SOLVERS, HNFConfig, ODEConfig  # choices live with the params
 from multifusion.model.layers import Block, CrossAttention, Mlp, ZeroInitLinear
 
 

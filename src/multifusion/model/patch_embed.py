@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multifusion.config import STEMS  # the allowed hnf.stem values live with the params
+from multifusion.core.config import STEMS  # the allowed hnf.stem values live with the params
 from multifusion.model.baselines.resnet import BasicBlock
 from multifusion.model.graph_stem import GraphStem
-from multifusion.patch_grid import PYRAMID_STRIDES, derive_patch_sizes  # noqa: F401 -- torch-free: params.yaml is checked with it
+from multifusion.core.patch_grid import PYRAMID_STRIDES, derive_patch_sizes  # noqa: F401 -- torch-free: params.yaml is checked with it
 
 
 class PositionalEmbedding2d(nn.Module):

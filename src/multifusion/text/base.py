@@ -29,7 +29,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
-from multifusion.json_files import write_json
+from multifusion.core.json_files import write_json
 
 PACKAGE_PREFIX = "package:"
 BASE_INFO = "base.json"

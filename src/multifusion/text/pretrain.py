@@ -38,9 +38,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from multifusion.config import TextConfig
-from multifusion.optim import optimizer_step, warmup_linear
-from multifusion.runtime import cpu_threads
+from multifusion.core.config import TextConfig
+from multifusion.core.optim import optimizer_step, warmup_linear
+from multifusion.core.runtime import cpu_threads
 from multifusion.text.base import BaseModelError
 from multifusion.text.corpus import Corpus
 from multifusion.text.masking import IGNORE_INDEX, mask_tokens

@@ -18,7 +18,7 @@ strict weight load fails and its error names the filled keys. A stored key this 
 does not know (removed since, or written by a newer version) is an error naming it: its
 value may have mattered, so it is never dropped silently.
 
-The training checkpoint a killed run resumes from lives in ``multifusion.train_state``.
+The training checkpoint a killed run resumes from lives in ``multifusion.training.train_state``.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import yaml
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from multifusion.cli_errors import UserError, one_line
-from multifusion.config import Config, ConfigError, config_from_dict
-from multifusion.json_files import write_json
+from multifusion.core.errors import UserError, one_line
+from multifusion.core.config import Config, ConfigError, config_from_dict
+from multifusion.core.json_files import write_json
 from multifusion.text.features import TextFeatures
 
 WEIGHTS = "model.safetensors"
@@ -48,7 +48,7 @@ CONFIG = "config.json"
 BASELINES_MODULE = "multifusion.model.baselines"
 RECORD_KEYS = ("model_name", "architecture", "config", "classes", "text", "temperature")
 REDO = "copy the whole model directory again, or retrain it (`dvc repro train`)"
-PACKAGE_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"  # the source tree's params.yaml
+PACKAGE_PARAMS = Path(__file__).resolve().parents[3] / "params.yaml"  # the source tree's params.yaml
 
 
 class ModelDirError(UserError, ValueError):

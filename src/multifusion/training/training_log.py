@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from multifusion.plotting import pyplot
+from multifusion.core.plotting import pyplot
 
 if TYPE_CHECKING:
     from dvclive import Live

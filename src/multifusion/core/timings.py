@@ -14,7 +14,7 @@ import datetime as dt
 import os
 from pathlib import Path
 
-from multifusion.json_files import write_json
+from multifusion.core.json_files import write_json
 
 TIMINGS_DIR = Path("metrics/timings")  # relative to the repository root, where DVC runs every stage
 

@@ -1,5 +1,5 @@
 """Which patch size each HNF layer uses, from data.image_size, hnf.layers, hnf.patch_sizes
-and hnf.stem. Pure integer arithmetic without torch, so ``multifusion.config`` can check
+and hnf.stem. Pure integer arithmetic without torch, so ``multifusion.core.config`` can check
 params.yaml with it before any stage does work (``multifusion.model.patch_embed`` builds
 the tokens at these sizes).
 """

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from multifusion.cli_errors import UserError
+from multifusion.core.errors import UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -403,7 +403,7 @@ def _rule_problem(key: str, value: Any, check: Check) -> str | None:
 
 def _cross_problems(cfg: Config) -> list[str]:
     """Checks that tie keys together: split shares, attention heads, the patch grid, the regex."""
-    from multifusion.patch_grid import derive_patch_sizes
+    from multifusion.core.patch_grid import derive_patch_sizes
 
     problems = []
     split = cfg.data.split

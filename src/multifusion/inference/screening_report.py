@@ -5,7 +5,7 @@
     page.close()
 
 One table row per input, in input order: the image as the model saw it, the explanation
-overlay (:mod:`multifusion.explain`: where the call came from), the file, the top-k classes
+overlay (:mod:`multifusion.inference.explain`: where the call came from), the file, the top-k classes
 with calibrated probabilities (the CSV's values), the uncertain flag, the descriptions
 the image attended to most, and for an unreadable file its reason. Images are inlined as
 base64 PNG; a small inline script sorts (input order, most or least certain first) and
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
-from multifusion.saved_model import LoadedModel
+from multifusion.inference.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
+from multifusion.model.card import LoadedModel
 
 ATTENDED = 3  # descriptions listed per image
 

@@ -31,15 +31,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from multifusion.config import DataConfig, PredictConfig, load_config
-from multifusion.contact_sheet import SheetEntry, draw_contact_sheet
+from multifusion.core.config import DataConfig, PredictConfig, load_config
+from multifusion.inference.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.decode import ImageError
 from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph
-from multifusion.evaluate import predict_probs
-from multifusion.saved_model import CONFIG, load_model, model_config, read_record
-from multifusion.screening_report import ScreeningReport
-from multifusion.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs
+from multifusion.evaluation.evaluate import predict_probs
+from multifusion.model.card import CONFIG, load_model, model_config, read_record
+from multifusion.inference.screening_report import ScreeningReport
+from multifusion.core.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.evaluate import macro_scores
-from multifusion.paired_test import paired_counts, read_confusion_csv
-from multifusion.report import FULL, LABELS, is_ablation
+from multifusion.evaluation.evaluate import macro_scores
+from multifusion.evaluation.paired_test import paired_counts, read_confusion_csv
+from multifusion.reporting.report import FULL, LABELS, is_ablation
 
 SEEDS = "seeds"
 SEED_FILE = re.compile(r"seed(\d+)\.csv")

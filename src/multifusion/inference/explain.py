@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from multifusion.data.dataset import to_model_input
-from multifusion.saved_model import CONFIG
+from multifusion.model.card import CONFIG
 
 VERIFY_IMAGES = 4     # images on which the attention shortcut is checked against the contract's call
 OVERLAY_ALPHA = 0.55  # colour weight where the map is 1 (the micrograph shows through below)

@@ -1,9 +1,9 @@
-"""A model's accuracy under the distribution shifts of ``multifusion.shifts``.
+"""A model's accuracy under the distribution shifts of ``multifusion.evaluation.shifts``.
 
 ``evaluate_under_shifts`` runs a model over the clean and shifted test images and returns
 accuracy and macro-F1 per shift per severity; severity 0 of every shift is the clean
 test split, so the table starts from the model's plain accuracy. ``robustness_table``
-flattens the result into a long table (``multifusion.robustness_plot`` draws it).
+flattens the result into a long table (``multifusion.evaluation.robustness_plot`` draws it).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from multifusion.config import Config
-from multifusion.evaluate import classification_metrics, predict_probs
-from multifusion.shifts import SHIFTS, apply_shift
+from multifusion.core.config import Config
+from multifusion.evaluation.evaluate import classification_metrics, predict_probs
+from multifusion.evaluation.shifts import SHIFTS, apply_shift
 
 
 def _scores(probs: np.ndarray, labels: np.ndarray, cfg: Config) -> dict[str, float]:

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-OWN_CODE = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[2] / "stages")
+OWN_CODE = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[3] / "stages")
 
 
 class UserError(Exception):

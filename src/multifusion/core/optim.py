@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from multifusion.config import TrainConfig
+from multifusion.core.config import TrainConfig
 
 LRFactor = Callable[[int], float]  # optimizer step (0-based) -> multiplier of the peak lr
 

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from multifusion.config import Config, apply_overrides, config_from_dict
+from multifusion.core.config import Config, apply_overrides, config_from_dict
 from multifusion.data.dataset import load_prepared
-from multifusion.evaluate import evaluate_split
-from multifusion.json_files import write_json
+from multifusion.evaluation.evaluate import evaluate_split
+from multifusion.core.json_files import write_json
 from multifusion.model import build_model
 from multifusion.model.baselines import BASELINES, build_baseline
-from multifusion.runtime import resolve_device
-from multifusion.saved_model import load_model
+from multifusion.core.runtime import resolve_device
+from multifusion.model.card import load_model
 from multifusion.text.features import TextFeatures
-from multifusion.train import fit
+from multifusion.training.train import fit
 
 
 # train.* keys that are the comparison's shared budget, not a model's own recipe
@@ -86,7 +86,7 @@ def run_comparison(
     checkpoint_dir: str | Path,
     live_dir: str | Path,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Train ``name`` with ``multifusion.train.fit``, score it on the test split; returns the
+    """Train ``name`` with ``multifusion.training.train.fit``, score it on the test split; returns the
     metrics (the keys of ``classification_metrics`` plus run facts), the test labels and the
     predictions (N,) each. With ``compare.robustness`` it also writes ``model_dir/robustness.json``."""
     cfg_run = variant_config(cfg, name)
@@ -109,7 +109,7 @@ def run_comparison(
     )
     metrics = {"model": name, **metrics, "params": int(n_params), "train_seconds": round(train_seconds, 1)}
     if cfg.compare.robustness:
-        from multifusion.robustness import evaluate_under_shifts
+        from multifusion.evaluation.robustness import evaluate_under_shifts
 
         test = prepared.split_indices("test")
         result = evaluate_under_shifts(

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multifusion.evaluate import predict_probs
-from multifusion.explain import Explainer, overlay, saved_text_record, top_descriptions
-from multifusion.predict import expand_inputs, read_one
-from multifusion.saved_model import load_model
-from multifusion.screening_report import ATTENDED
+from multifusion.evaluation.evaluate import predict_probs
+from multifusion.inference.explain import Explainer, overlay, saved_text_record, top_descriptions
+from multifusion.inference.predict import expand_inputs, read_one
+from multifusion.model.card import load_model
+from multifusion.inference.screening_report import ATTENDED
 
 COLUMNS = ["path", "overlay", "class", "probability", "method", "attended", "error"]
 

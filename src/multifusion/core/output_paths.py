@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from multifusion.cli_errors import UserError
+from multifusion.core.errors import UserError
 from multifusion.data.layout import IMAGE_EXTENSIONS
 
 

@@ -47,7 +47,7 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def read_confusion_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """An ``actual,predicted`` file (``multifusion.evaluate.write_confusion_csv``) -> (labels, preds),
+    """An ``actual,predicted`` file (``multifusion.evaluation.evaluate.write_confusion_csv``) -> (labels, preds),
     class names as strings, one entry per test image in the split's order."""
     path = Path(path)
     if not path.is_file():

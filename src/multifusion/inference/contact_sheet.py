@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.plotting import pyplot
+from multifusion.core.plotting import pyplot
 
 
 @dataclass

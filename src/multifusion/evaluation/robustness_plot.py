@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multifusion.plotting import pyplot
+from multifusion.core.plotting import pyplot
 
 
 def plot_robustness(table: pd.DataFrame, path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """The results report: our measured table beside the paper's published figures.
 
-Inputs are metric JSON files with the keys of ``multifusion.evaluate.classification_metrics``
+Inputs are metric JSON files with the keys of ``multifusion.evaluation.evaluate.classification_metrics``
 (``top1 .. top5, macro_precision, macro_recall, macro_f1, ece``): ``metrics/eval.json``
 for the full MultiFusion model and ``metrics/compare/<name>.json`` for every baseline and
 ablation. Output: ``reports/results.md`` (two tables), ``reports/summary.json`` (every
@@ -8,7 +8,7 @@ model's scores in one file), ``reports/results.csv`` (bar plots in ``dvc plots s
 two PNG bar charts; the per-model metric files are what ``dvc metrics show`` lists.
 With the per-image predictions (``plots/evaluate/confusion.csv``, ``plots/compare/<name>/
 confusion.csv``) every run is also set against the full model image by image: the exact
-McNemar test (``multifusion.paired_test``) says whether a gap is more than chance.
+McNemar test (``multifusion.evaluation.paired_test``) says whether a gap is more than chance.
 
     runs = collect_runs("metrics/compare", ["resnet18", "mf_no_text"])
     for name, paired in paired_against_full("plots/evaluate/confusion.csv", csvs).items():
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.config import Config
-from multifusion.json_files import write_json
-from multifusion.paired_test import mcnemar_exact, paired_counts, read_confusion_csv
-from multifusion.plotting import pyplot
+from multifusion.core.config import Config
+from multifusion.core.json_files import write_json
+from multifusion.evaluation.paired_test import mcnemar_exact, paired_counts, read_confusion_csv
+from multifusion.core.plotting import pyplot
 
 FULL = "multifusion"
 SIGNIFICANCE = 0.05  # two-sided level at which a paired gap counts as more than chance

@@ -6,7 +6,7 @@ severity value and a random generator (used only by the noise shifts):
     noisy = SHIFTS["gaussian_noise"](images, 0.05, rng)
 
 ``SHIFTS`` names the shift functions; their severities live in the ``robustness``
-section of params.yaml under the same names, mildest first. ``multifusion.robustness``
+section of params.yaml under the same names, mildest first. ``multifusion.evaluation.robustness``
 scores a model under them.
 """
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from multifusion.config import DEVICES  # the allowed *.device values live with the params
+from multifusion.core.config import DEVICES  # the allowed *.device values live with the params
 
 
 @dataclass

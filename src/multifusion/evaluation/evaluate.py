@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top_k_accuracy_score
 
-from multifusion.calibration import nll
+from multifusion.evaluation.calibration import nll
 from multifusion.data.dataset import Prepared, to_model_input
-from multifusion.plotting import pyplot
+from multifusion.core.plotting import pyplot
 
 TOP_K = (1, 2, 3, 5)
 

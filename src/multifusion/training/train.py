@@ -11,7 +11,7 @@ epoch it validates (loss, accuracy, macro-F1), logs to dvclive and writes a chec
 from which a killed run resumes to the same final weights. Early stopping on val
 macro-F1 (``train.patience`` > 0) keeps the best weights; without it the last ones are
 kept. At the end it fits a temperature on the validation split and saves the model with
-:func:`multifusion.saved_model.save_model`.
+:func:`multifusion.model.card.save_model`.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DDP (nccl on CUDA, gloo on
 CPU); ``train.batch_size`` is the global batch, split evenly over the processes, and each
@@ -34,16 +34,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from multifusion.calibration import calibrate_temperature
-from multifusion.config import Config, TrainConfig
+from multifusion.evaluation.calibration import calibrate_temperature
+from multifusion.core.config import Config, TrainConfig
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
-from multifusion.evaluate import macro_scores, predict_logits
-from multifusion.optim import adamw, optimizer_step, warmup_cosine
-from multifusion.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
-from multifusion.saved_model import save_model
+from multifusion.evaluation.evaluate import macro_scores, predict_logits
+from multifusion.core.optim import adamw, optimizer_step, warmup_cosine
+from multifusion.core.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
+from multifusion.model.card import save_model
 from multifusion.text.features import TextFeatures
-from multifusion.train_state import load_training_state, rng_states, run_fingerprint, save_training_state, set_rng_states
-from multifusion.training_log import close_live, epoch_row, log_row, open_live
+from multifusion.training.train_state import load_training_state, rng_states, run_fingerprint, save_training_state, set_rng_states
+from multifusion.training.training_log import close_live, epoch_row, log_row, open_live
 
 if TYPE_CHECKING:
     from dvclive import Live
@@ -342,7 +342,7 @@ def fit(
     """Train ``model`` on the train split of ``prepared_dir``; save it to ``out_dir``.
 
     ``text`` (the TextFeatures the model was built with, if any) is recorded in the saved
-    config so :func:`multifusion.saved_model.load_model` can rebuild the model. Returns the
+    config so :func:`multifusion.model.card.load_model` can rebuild the model. Returns the
     model holding the saved weights (on rank 0; other ranks hold the last ones). The
     fitted temperature is in ``out_dir/config.json``.
     """

@@ -5,7 +5,7 @@ epoch, best score, best weights, the metric history, and a fingerprint of the ru
 stale checkpoint left by other params, model or data is ignored. Written atomically,
 read with ``weights_only=True``.
 
-The trained model a user loads (``models/<name>/``) lives in ``multifusion.saved_model``.
+The trained model a user loads (``models/<name>/``) lives in ``multifusion.model.card``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from multifusion.cli_errors import one_line
-from multifusion.config import Config
+from multifusion.core.errors import one_line
+from multifusion.core.config import Config
 
 TRAIN_STATE = "last.pt"
 # What a training checkpoint may hold beyond tensors and plain Python: numpy's RNG state

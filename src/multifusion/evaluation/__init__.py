@@ -1,0 +1,1 @@
+"""Evaluation: metrics, calibration, distribution shifts, robustness, paired tests."""

@@ -1,0 +1,1 @@
+"""Inference on new micrographs: predict, explain, overlays, the screening report."""

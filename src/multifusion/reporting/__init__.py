@@ -1,0 +1,1 @@
+"""Reports: the comparison tables and figures, and the README's generated tables."""
