@@ -7,12 +7,30 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="MultiFusion: nanomaterial identification in electron micrographs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="MultiFusion: identify nanomaterials in electron micrographs (screen, explain, describe classes).\n\n"
+    "Example: multifusion predict --model models/hnf new_shots/ --out predictions.csv --report report.html",
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from multifusion import __version__
+
+        typer.echo(f"multifusion {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
-    """MultiFusion command line."""
+def main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """MultiFusion: identify nanomaterials in electron micrographs (screen, explain, describe classes).
+
+    Example: multifusion predict --model models/hnf new_shots/ --out predictions.csv --report report.html
+    """
 
 
 @app.command()
@@ -29,7 +47,10 @@ def describe(
     params: str = typer.Option("params.yaml", "--params", help="Parameters file (section llm)."),
     set_: list[str] = typer.Option([], "--set", "-S", help="Override a parameter, e.g. -S llm.provider=openai."),
 ) -> None:
-    """Write the class descriptions (the describe stage), preview them with --dry-run, or start a curated file with --init."""
+    """Write the class descriptions (the describe stage), preview them with --dry-run, or start a curated file with --init.
+
+    Example: multifusion describe --init prompts/curated/mine.yaml --classes /data/micrographs
+    """
     import os
 
     import yaml
@@ -73,7 +94,10 @@ def predict(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
 ) -> None:
-    """Classify micrographs with a trained model; unreadable files are listed, never fatal."""
+    """Classify micrographs with a trained model; unreadable files are listed, never fatal.
+
+    Example: multifusion predict --model models/hnf new_shots/ 'more/*.tif' --out predictions.csv --report report.html
+    """
     from multifusion.inference.predict import predict_paths, predict_settings
 
     try:
@@ -107,7 +131,10 @@ def explain(
     target: str | None = typer.Option(None, "--target", help="Explain this class instead of the predicted one."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Explanation overlays (where on the micrograph the call came from) as PNGs, for papers and slides."""
+    """Explanation overlays (where on the micrograph the call came from) as PNGs, for papers and slides.
+
+    Example: multifusion explain --model models/hnf shots/a.tif shots/b.tif --out figures/
+    """
     from multifusion.inference.overlays import explain_paths
 
     try:
