@@ -65,10 +65,10 @@ def timed(fn) -> float:
 
 
 @torch.no_grad()
-def resnet_loop(model: torch.nn.Module, paths: list[Path], cfg, batch_size: int, device: str) -> None:
+def resnet_loop(model: torch.nn.Module, paths: list[Path], policy, batch_size: int, device: str) -> None:
     """The peer: sequential decode, then batched forward + softmax."""
     for start in range(0, len(paths), batch_size):
-        images = np.stack([load_micrograph(p, cfg.data) for p in paths[start : start + batch_size]])  # (B, S, S)
+        images = np.stack([load_micrograph(p, policy) for p in paths[start : start + batch_size]])  # (B, S, S)
         x = to_model_input(images).to(device)  # (B, 1, S, S)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             model(x).float().softmax(dim=1).cpu()
@@ -98,14 +98,14 @@ def main() -> None:
             model = build_model(cfg, classes, text)
             save_model(model_dir, model, cfg, classes, text, 1.0, "hnf")
         loaded = load_model(model_dir)
-        cfg_model, classes = loaded.cfg, loaded.classes
-        S, batch = cfg_model.data.image_size, cfg.predict.batch_size
+        policy, classes = loaded.input, loaded.classes
+        S, batch = policy.image_size, cfg.predict.batch_size
         folder = tmp_path / "shots"
         folder.mkdir()
         print(f"writing {args.n} synthetic {args.width}x{args.height} {args.format} micrographs ...", flush=True)
         paths = write_micrographs(folder, args.n, args.width, args.height, args.format)
-        decoded = np.stack([load_micrograph(p, cfg_model.data) for p in paths[:batch]])  # (B, S, S) warm-up
-        decode_s = timed(lambda: [load_micrograph(p, cfg_model.data) for p in paths])
+        decoded = np.stack([load_micrograph(p, policy) for p in paths[:batch]])  # (B, S, S) warm-up
+        decode_s = timed(lambda: [load_micrograph(p, policy) for p in paths])
         images = np.stack([decoded] * (args.n // batch + 1))[: args.n].reshape(-1, S, S)  # (n, S, S)
 
         rows = [("decode only (load_micrograph, 1 thread)", "cpu", args.n / decode_s, None)]
@@ -113,8 +113,8 @@ def main() -> None:
             hnf = load_model(model_dir, device=device)
             resnet = build_baseline("resnet18", len(classes), S).to(device).eval()
             predict_probs(hnf.model, images[:batch], batch, device)  # warm-up
-            resnet_loop(resnet, paths[:batch], cfg_model, batch, device)
-            peer_s = timed(lambda: resnet_loop(resnet, paths, cfg_model, batch, device))
+            resnet_loop(resnet, paths[:batch], policy, batch, device)
+            peer_s = timed(lambda: resnet_loop(resnet, paths, policy, batch, device))
             ours_s = timed(lambda: predict_paths(model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5,
                                                  batch_size=batch, device=device, progress=False))
             hnf_fwd = timed(lambda: predict_probs(hnf.model, images, batch, device))

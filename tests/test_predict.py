@@ -95,10 +95,10 @@ def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
     loaded = load_model(model_dir)
     assert loaded.temperature == TEMPERATURE
     paths = [folder / name for name in GOOD]
-    images = np.stack([load_micrograph(p, loaded.cfg.data) for p in paths])  # (3, 32, 32)
+    images = np.stack([load_micrograph(p, loaded.input) for p in paths])  # (3, 32, 32)
     assert images.shape == (3, 32, 32)
-    probs = predict_probs(loaded.model, images, 64, "cpu", TEMPERATURE, loaded.cfg.evaluate.tta)  # (3, C): the test-time policy
-    if loaded.cfg.evaluate.tta:  # the 8-view average is a different answer from the single view
+    probs = predict_probs(loaded.model, images, 64, "cpu", TEMPERATURE, loaded.input.tta)  # (3, C): the test-time policy
+    if loaded.input.tta:  # the 8-view average is a different answer from the single view
         assert not np.allclose(probs, predict_probs(loaded.model, images, 64, "cpu", TEMPERATURE, False), atol=1e-6)
     table = run(model_dir, [str(p) for p in paths], tmp_path, top_k=3, batch_size=2)
     assert list(table["path"]) == [str(p) for p in paths]  # input order kept
@@ -107,7 +107,7 @@ def test_predictions_equal_evaluate_predict_probs(model_dir, folder, tmp_path):
         for r in range(3):
             assert row[f"top{r + 1}_class"] == CLASSES[ranked[i, r]]
             assert float(row[f"top{r + 1}_prob"]) == pytest.approx(probs[i, ranked[i, r]], abs=1e-6)
-    raw = predict_probs(loaded.model, images, 64, "cpu", 1.0, loaded.cfg.evaluate.tta)
+    raw = predict_probs(loaded.model, images, 64, "cpu", 1.0, loaded.input.tta)
     assert not np.allclose(raw, probs)  # so the calibrated (T=1.7) values are the ones in the CSV
 
 

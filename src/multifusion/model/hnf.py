@@ -14,15 +14,20 @@ forward_head:     (B, L (+1), C) -> logits (B, num_classes), through the text fu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-from multifusion.core.config import Config
+from multifusion.core.config import FusionConfig, GraphConfig, HNFConfig, section_from_dict
 from multifusion.model.fusion import MODES, ConcatHead, CrossModalHead, TextEmbedding, VisualHead
 from multifusion.model.graph import PatchGraphEncoder
 from multifusion.model.moe import MoEGate
 from multifusion.model.ode import build_sequence_encoder
 from multifusion.model.patch_embed import HierarchicalPatchEmbed, derive_patch_sizes
+from multifusion.model.registry import register_model
+from multifusion.text.features import TextFeatures
 
 
 class HNFLayer(nn.Module):
@@ -32,9 +37,9 @@ class HNFLayer(nn.Module):
     -> h_fus (B, C).
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, hnf: HNFConfig, g: GraphConfig) -> None:
         super().__init__()
-        hnf, dim = cfg.hnf, cfg.hnf.dim
+        dim = hnf.dim
         # sequence_encoder none + graph on = graph only; with the graph off, 'none' keeps a
         # sequence branch that pools the embedded tokens (a bag-of-patches model).
         self.use_sequence = hnf.sequence_encoder != "none" or not hnf.graph
@@ -47,7 +52,6 @@ class HNFLayer(nn.Module):
         if self.use_graph:
             self.virtual = nn.Parameter(torch.zeros(1, dim))
             nn.init.trunc_normal_(self.virtual, std=0.02)
-            g = cfg.graph
             self.graph = PatchGraphEncoder(dim, g.k, g.cheb_k, g.layers, hnf.dropout, g.lambda_max)
         self.moe = MoEGate(dim, int(self.use_sequence) + int(self.use_graph))
         self.drop = nn.Dropout(hnf.dropout)
@@ -72,32 +76,35 @@ class MultiFusion(nn.Module):
 
     ``text_states`` (T, L, D_t) / ``text_mask`` (T, L) / ``text_classes`` (T,) are the
     descriptions of ALL classes and the class each describes, stored as persistent buffers
-    (None when cfg.fusion.text is false).
+    (None when fusion.text is false). Built from its own sections of params.yaml (``hnf``,
+    ``graph``, ``fusion``) and the input size, nothing else.
     """
 
     def __init__(
         self,
-        cfg: Config,
         num_classes: int,
+        image_size: int,
+        hnf: HNFConfig,
+        graph: GraphConfig,
+        fusion: FusionConfig,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         text_classes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        hnf, fusion = cfg.hnf, cfg.fusion
         if fusion.mode not in MODES:
             raise ValueError(f"fusion.mode must be one of {MODES}, got {fusion.mode!r}; fix params.yaml")
         if fusion.text and (text_states is None or text_mask is None or text_classes is None):
             raise ValueError("fusion.text is true but no text features were given; run embed_text or set fusion.text: false")
         self.num_classes = num_classes
-        self.image_size = cfg.data.image_size
+        self.image_size = image_size
         self.dim = hnf.dim
-        self.patch_sizes = derive_patch_sizes(cfg.data.image_size, hnf.layers, hnf.patch_sizes, hnf.stem)
+        self.patch_sizes = derive_patch_sizes(image_size, hnf.layers, hnf.patch_sizes, hnf.stem)
         self.embed = HierarchicalPatchEmbed(
-            cfg.data.image_size, self.patch_sizes, hnf.dim, hnf.stem, hnf.stem_width, hnf.stem_depth
+            image_size, self.patch_sizes, hnf.dim, hnf.stem, hnf.stem_width, hnf.stem_depth
         )
         self.embed_drop = nn.Dropout(hnf.dropout)
-        self.layers = nn.ModuleList(HNFLayer(cfg) for _ in self.patch_sizes)
+        self.layers = nn.ModuleList(HNFLayer(hnf, graph) for _ in self.patch_sizes)
         # the global token: the stem's globally pooled deepest map, a direct path from the whole
         # backbone to the head beside the HNF layers (None for the linear stem or when switched off)
         use_global = hnf.global_token and self.embed.global_dim is not None
@@ -161,3 +168,48 @@ class MultiFusion(nn.Module):
             return None
         return self.head.description_attention(self.forward_features(x), self.text_embeddings())
 
+
+
+def description_classes(text: TextFeatures, classes: Sequence[str]) -> torch.Tensor:
+    """(T,) label of every description: the index of its class name in ``classes`` (the
+    prepared data's classes.json, whose order is the label order). Every class must have a
+    description and every description a class, else a one-line ValueError names them."""
+    label = {name: i for i, name in enumerate(classes)}
+    described = set(text.class_names)
+    undescribed = [name for name in classes if name not in described]
+    unknown = sorted(described - set(label))
+    if undescribed or unknown:
+        problems = [f"no description of {', '.join(map(repr, undescribed))}"] if undescribed else []
+        problems += [f"descriptions of classes the data does not have: {', '.join(map(repr, unknown))}"] if unknown else []
+        raise ValueError(f"the text features do not match the data's classes ({'; '.join(problems)}); {REDESCRIBE}")
+    return torch.tensor([label[name] for name in text.class_names], dtype=torch.long)
+
+
+REDESCRIBE = "re-run `dvc repro describe embed_text` for the current data/prepared/classes.json"
+
+
+@register_model("multifusion")
+def multifusion(
+    num_classes: int,
+    image_size: int,
+    hnf: dict[str, Any],
+    graph: dict[str, Any],
+    fusion: dict[str, Any],
+    text: TextFeatures | None = None,
+    classes: Sequence[str] | None = None,
+) -> MultiFusion:
+    """MultiFusion from plain arguments: the ``hnf``, ``graph`` and ``fusion`` sections of
+    params.yaml as mappings. ``text`` (the descriptions of ALL classes) and ``classes``
+    (names in label order) are required iff ``fusion["text"]``."""
+    hnf_cfg = section_from_dict(HNFConfig, hnf, "hnf")
+    graph_cfg = section_from_dict(GraphConfig, graph, "graph")
+    fusion_cfg = section_from_dict(FusionConfig, fusion, "fusion")
+    if not fusion_cfg.text:
+        return MultiFusion(num_classes, image_size, hnf_cfg, graph_cfg, fusion_cfg)
+    if text is None or classes is None:
+        raise ValueError("fusion.text is true but no text features were given; run `dvc repro embed_text` "
+                         "(data/text_features/) or set fusion.text: false")
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} classes; check data/prepared/classes.json")
+    return MultiFusion(num_classes, image_size, hnf_cfg, graph_cfg, fusion_cfg,
+                       text.token_states, text.attention_mask, description_classes(text, classes))

@@ -17,6 +17,7 @@ import torch.nn as nn
 from multifusion.model.baselines.resnet import resnet18, resnet50
 from multifusion.model.baselines.swin import swin_tiny, swin_window_size
 from multifusion.model.baselines.vit import vit_patch_size, vit_small
+from multifusion.model.registry import create_model, register_model
 
 BASELINES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": lambda num_classes, image_size, **kw: resnet18(num_classes, **kw),
@@ -25,6 +26,8 @@ BASELINES: dict[str, Callable[..., nn.Module]] = {
     "swin_tiny": swin_tiny,
     "vig": lambda num_classes, image_size, **kw: _vig(num_classes, image_size, **kw),
 }
+for _name, _builder in BASELINES.items():
+    register_model(_name)(_builder)
 
 
 def _vig(num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
@@ -41,7 +44,7 @@ def build_baseline(name: str, num_classes: int, image_size: int, **kwargs: Any) 
     """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline '{name}'; choose one of {', '.join(BASELINES)}")
-    return BASELINES[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    return create_model(name, num_classes, image_size, **kwargs)
 
 
 __all__ = ["BASELINES", "build_baseline", "swin_window_size", "vit_patch_size"]
