@@ -16,6 +16,7 @@ import torch
 
 from multifusion.core.errors import run_stage
 from multifusion.core.config import load_config
+from multifusion.core.runtime import apply_thread_env
 from multifusion.data.dataset import load_prepared
 from multifusion.model import build_model
 from multifusion.text.features import TextFeatures
@@ -33,6 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.params)
+    apply_thread_env()  # $MULTIFUSION_THREADS: cores // jobs when queued runs share the machine
     classes = load_prepared(args.prepared).classes
     text = TextFeatures.load(args.text) if cfg.fusion.text else None
     torch.manual_seed(cfg.seed)  # the initial weights are part of the run (and of its checkpoint fingerprint)

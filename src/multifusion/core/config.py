@@ -40,6 +40,7 @@ FUSION_MODES = ("mha", "concat")                   # fusion.mode
 BALANCE_MODES = ("loss", "sampler", "none")        # train.balance
 DEVICES = ("auto", "cpu", "cuda")                  # train.device, evaluate.device
 MAX_HNF_LAYERS = 4
+FULL_MODEL = "multifusion"                         # compare.models: the full model (default config), every paired test's reference
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ class CompareConfig:
     ablations: dict[str, dict[str, Any]]       # ablation name -> dotted params overrides
     recipes: dict[str, dict[str, Any]]         # model name -> dotted train.* overrides (its optimiser recipe)
     robustness: bool
+    seeds: list[int]                           # training seeds crossed with every model (the comparison's matrix)
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,8 @@ RULES: dict[str, Check] = {
     "robustness.zoom_in": at_least(1.0), "robustness.zoom_out": in_range(0.0, 1.0, low_open=True),
     "robustness.info_bar": in_range(0.0, 1.0, high_open=True),
     "compare.models": NON_EMPTY,
+    "compare.seeds": Check(lambda v: len(v) > 0 and len(set(v)) == len(v) and all(s >= 0 for s in v),
+                           "a non-empty list of distinct seeds >= 0, e.g. [42, 43, 44] or [42]", [42, 42], whole_list=True),
 }
 
 
@@ -424,6 +428,8 @@ def _cross_problems(cfg: Config) -> list[str]:
             re.compile(cfg.data.group_pattern)
         except re.error as err:
             problems.append(f"data.group_pattern {cfg.data.group_pattern!r} is not a valid regular expression ({err})")
+    if FULL_MODEL not in cfg.compare.models:
+        problems.append(f"compare.models {cfg.compare.models!r} lacks {FULL_MODEL!r}, the full model every row is set against; add it")
     return problems
 
 

@@ -93,3 +93,31 @@ def cpu_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+THREADS_ENV = "MULTIFUSION_THREADS"
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Torch threads for each of ``jobs`` runs side by side on ``cores`` (default: the usable
+    cores) so they do not oversubscribe them: ``cores // jobs``, at least 1."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(1, cores // jobs)
+
+
+def apply_thread_env() -> int:
+    """Set torch's intra-op threads from ``$MULTIFUSION_THREADS`` when it is set (e.g. by
+    ``MULTIFUSION_THREADS=1 dvc queue start --jobs 2``); returns the count in use. Unset:
+    torch's own choice (which follows ``OMP_NUM_THREADS``). A bad value is a one-line error."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is not None and raw.strip():
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"${THREADS_ENV}={raw!r}: set it to a whole number of threads >= 1 (cores // parallel jobs), or unset it")
+        torch.set_num_threads(n)
+    return torch.get_num_threads()

@@ -1,39 +1,37 @@
 """The results report: our measured table beside the paper's published figures.
 
-Inputs are metric JSON files with the keys of ``multifusion.evaluation.evaluate.classification_metrics``
-(``top1 .. top5, macro_precision, macro_recall, macro_f1, ece``): ``metrics/eval.json``
-for the full MultiFusion model and ``metrics/compare/<name>.json`` for every baseline and
-ablation. Output: ``reports/results.md`` (two tables), ``reports/summary.json`` (every
-model's scores in one file), ``reports/results.csv`` (bar plots in ``dvc plots show``) and
-two PNG bar charts; the per-model metric files are what ``dvc metrics show`` lists.
-With the per-image predictions (``plots/evaluate/confusion.csv``, ``plots/compare/<name>/
-confusion.csv``) every run is also set against the full model image by image: the exact
-McNemar test (``multifusion.evaluation.paired_test``) says whether a gap is more than chance.
+Inputs: the comparison's metric JSON files, one per model and training seed,
+``metrics/compare/<name>/seed<N>.json`` (keys of ``classification_metrics``: ``top1 .. top5,
+macro_precision, macro_recall, macro_f1, ece``), for ``multifusion`` (the full model) and every
+baseline and ablation, and their per-image predictions ``plots/compare/<name>/seed<N>/confusion.csv``.
+Every figure is a mean over ``compare.seeds`` with its spread; every run is set against the full
+model at the same seed image by image, and the exact McNemar test on the pairs pooled over the
+seeds says whether a gap is more than chance (why that test: ``multifusion.reporting.seed_stats``).
+Output: ``reports/<set>/results.md`` (three tables), ``summary.json`` (every model's means, spreads,
+per-seed scores and paired counts), ``results.csv`` (bar plots in ``dvc plots show``) and two PNG
+bar charts; the per-run metric files are what ``dvc metrics show`` lists.
 
-    runs = collect_runs("metrics/compare", ["resnet18", "mf_no_text"])
-    for name, paired in paired_against_full("plots/evaluate/confusion.csv", csvs).items():
-        runs[name] |= paired                          # only_multifusion_right, only_model_right, mcnemar_p
-    write_report(ours, runs, out_dir, dataset="data/raw/synthetic")
+    stats = summarize(read_runs("metrics/compare", cfg.compare.models, cfg.compare.seeds, "plots/compare"))
+    write_report(stats, "reports/ncm", dataset="`ncm`")
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from multifusion.core.config import FULL_MODEL as FULL
 from multifusion.core.config import Config
 from multifusion.core.json_files import write_json
-from multifusion.evaluation.paired_test import mcnemar_exact, paired_counts, read_confusion_csv
 from multifusion.core.plotting import pyplot
+from multifusion.reporting.seed_stats import PRF, TOPK, read_metrics, read_runs, summarize
 
-FULL = "multifusion"
+__all__ = ["FULL", "LABELS", "read_metrics", "report_from_files", "write_report"]
+
 SIGNIFICANCE = 0.05  # two-sided level at which a paired gap counts as more than chance
-TOPK = ("top1", "top2", "top3", "top5")
-PRF = ("macro_precision", "macro_recall", "macro_f1")
 
 # Srinivas, Sannidhi, Runkana, arXiv 2408.13661 (NeurIPS 2023 RO-FoMo), SEM dataset of
 # Aversa et al. 2018 (21,272 images, 10 classes). Facts of the paper, not knobs.
@@ -70,20 +68,6 @@ def is_ablation(name: str) -> bool:
     return name == FULL or name.startswith("mf_")
 
 
-def read_metrics(path: str | Path) -> dict[str, float]:
-    """One metrics JSON (flat, or nested under "test"); a clear error when keys are missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: metrics file missing; run its stage first (dvc repro)")
-    data = json.loads(path.read_text())
-    if "top1" not in data and isinstance(data.get("test"), dict):
-        data = data["test"]
-    missing = [k for k in TOPK + PRF if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing metric keys {missing}; re-run the stage that writes it")
-    return data
-
-
 def _f(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -93,23 +77,55 @@ def _seconds(m: dict[str, float]) -> str:
 
 
 def paired_cell(m: dict[str, float]) -> str:
-    """'b / c (p = ...)' of a run's paired test against the full model, or a dash."""
+    """'b / c (p = ...)' of a run's paired test against the full model (pooled over the seeds), or a dash."""
     if "only_multifusion_right" not in m:
         return "–"
     return f"{m['only_multifusion_right']:.0f} / {m['only_model_right']:.0f} (p = {m['mcnemar_p']:.2f})"
 
 
+def mean_cell(m: dict[str, float], key: str) -> str:
+    """The mean over seeds, '± std' beside it when there are two seeds or more."""
+    if m.get("n_seeds", 1) > 1 and f"{key}_std" in m:
+        return f"{m[key]:.3f} ± {m[key + '_std']:.3f}"
+    return _f(m[key])
+
+
+def range_cell(m: dict[str, float], key: str) -> str:
+    """'min–max' over the seeds (a dash for one seed)."""
+    if m.get("n_seeds", 1) > 1 and f"{key}_min" in m:
+        return f"{m[key + '_min']:.3f}–{m[key + '_max']:.3f}"
+    return "–"
+
+
+def seed_table(rows: dict[str, dict], seeds: list[int]) -> str:
+    """Markdown: per model, top-1 / macro-F1 at each seed, top-1's mean ± std and min–max, and image
+    by image against MultiFusion trained with the same seed (only MF / only it right), then the
+    exact McNemar test on the pairs pooled over the seeds."""
+    header = ["model", *(f"seed {s}: top-1 / macro F1" for s in seeds), "top-1 mean ± std", "top-1 min–max",
+              "only MF / only it right, per seed", "pooled (McNemar p)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in rows.items():
+        per_seed = m.get("per_seed", {})
+        cells = [f"{per_seed[str(s)]['top1']:.3f} / {per_seed[str(s)]['macro_f1']:.3f}" if str(s) in per_seed else "–" for s in seeds]
+        paired = [f"{per_seed[str(s)]['only_multifusion_right']} / {per_seed[str(s)]['only_model_right']}"
+                  for s in seeds if "only_multifusion_right" in per_seed.get(str(s), {})]
+        label = f"**{LABELS.get(name, name)}**" if name == FULL else LABELS.get(name, name)
+        lines.append(f"| {label} | {' | '.join(cells)} | {mean_cell(m, 'top1')} | {range_cell(m, 'top1')} | "
+                     f"{', '.join(paired) or '–'} | {paired_cell(m)} |")
+    return "\n".join(lines)
+
+
 def topk_table(rows: dict[str, dict[str, float]]) -> str:
-    """Markdown: one row per model (ours first, then baselines): top-k, macro-F1, training
-    seconds, the paired test against ours (images only MultiFusion / only this model gets
-    right, exact McNemar p), then the paper's top-k."""
+    """Markdown: one row per model (ours first, then baselines): top-k and macro-F1 (means over the
+    seeds, top-1 and macro-F1 ± std), training seconds, the paired test against ours (images only
+    MultiFusion / only this model gets right, pooled over the seeds, exact McNemar p), then the paper's top-k."""
     head = ("| model | top-1 | top-2 | top-3 | top-5 | macro F1 | train s | only MF / only it right (McNemar p) "
             "| paper: model | paper top-1 | paper top-2 | paper top-3 | paper top-5 |")
     lines = [head, "|" + "---|" * 13]
     for name, m in rows.items():
         paper_name, paper = PAPER_TOPK.get(name, ("–", (None,) * 4))
-        cells = [LABELS.get(name, name), *(_f(m[k]) for k in TOPK), _f(m["macro_f1"]), _seconds(m), paired_cell(m),
-                 paper_name, *(_f(v) for v in paper)]
+        cells = [LABELS.get(name, name), mean_cell(m, "top1"), *(_f(m[k]) for k in TOPK[1:]), mean_cell(m, "macro_f1"),
+                 _seconds(m), paired_cell(m), paper_name, *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -129,7 +145,8 @@ def ablation_table(rows: dict[str, dict[str, float]]) -> str:
     for name, m in rows.items():
         paper_name, paper = PAPER_ABLATION.get(name, ("–", (None,) * 3))
         effect = ["–", "–"] if name == FULL else [_signed(full["top1"] - m["top1"]), _signed(full["macro_f1"] - m["macro_f1"])]
-        cells = [LABELS.get(name, name), _f(m["top1"]), *(_f(m[k]) for k in PRF), *effect, paired_cell(m), paper_name,
+        cells = [LABELS.get(name, name), mean_cell(m, "top1"), *(_f(m[k]) for k in PRF[:2]), mean_cell(m, "macro_f1"), *effect,
+                 paired_cell(m), paper_name,
                  *(_f(v) for v in paper)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -158,8 +175,10 @@ def verdict(ours: dict[str, float], baselines: dict[str, dict[str, float]]) -> s
         return sentence
     b, c, p = int(m["only_multifusion_right"]), int(m["only_model_right"]), m["mcnemar_p"]
     meaning = "a difference beyond chance" if p < SIGNIFICANCE else "within chance: the two are not told apart by this test set"
+    seeds = int(m.get("n_seeds", 1))
+    over = f", over {seeds} seeds" if seeds > 1 else ""
     return (
-        f"{sentence} Image by image against {LABELS.get(best, best)}: {b} test images only MultiFusion gets right, "
+        f"{sentence} Image by image against {LABELS.get(best, best)}{over}: {b} test images only MultiFusion gets right, "
         f"{c} only {LABELS.get(best, best)}; exact McNemar p = {p:.2f} ({meaning}, at {SIGNIFICANCE})."
     )
 
@@ -179,22 +198,45 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores usable, {device}, torch {torch.__version__}"
 
 
-def render_results(
-    ours: dict[str, float], runs: dict[str, dict[str, float]], dataset: str, date: str, where: str = ""
-) -> str:
-    """The whole reports/results.md text. ``runs``: name -> metrics for baselines and ablations."""
-    baselines = {n: m for n, m in runs.items() if not is_ablation(n)}
-    ablations = {n: m for n, m in runs.items() if is_ablation(n)}
+def dataset_label(set_name: str, root: str, repo: str | Path = ".") -> str:
+    """The data set in words for the report: its name (``compare.set``) and ``data.root`` relative to
+    the repository, never an absolute path of the machine that made the report (issue 26)."""
+    path = Path(root)
+    if not path.is_absolute():
+        return f"`{set_name}` (`{path.as_posix()}`)"
+    try:
+        return f"`{set_name}` (`{path.resolve().relative_to(Path(repo).resolve()).as_posix()}`)"
+    except ValueError:
+        return f"`{set_name}` (a folder outside the repository)"
+
+
+def render_results(rows: dict[str, dict], seeds: list[int], dataset: str, date: str, where: str = "") -> str:
+    """The whole results.md text. ``rows``: name -> summary (``seed_stats.summarize``), MultiFusion first."""
+    ours = rows[FULL]
+    baselines = {n: m for n, m in rows.items() if not is_ablation(n)}
+    ablations = {n: m for n, m in rows.items() if is_ablation(n) and n != FULL}
     n_test = ours.get("n")
+    if len(seeds) > 1:
+        seed_lines = [
+            f"- Seeds: every model at {len(seeds)} training seeds ({', '.join(map(str, seeds))}); scores are means over them",
+            "  (top-1 and macro F1 ± the sample standard deviation). Paired counts set each model against",
+            "  MultiFusion trained with the same seed, image by image; the test is the exact McNemar test on",
+            "  the pairs pooled over the seeds: it uses every test image at every seed, where a sign test over",
+            f"  {len(seeds)} seeds cannot go below p = {0.5 ** len(seeds):.3g} one-sided ({min(1.0, 2 * 0.5 ** len(seeds)):.3g} two-sided).",
+        ]
+    else:
+        seed_lines = [f"- Seed: every model at one training seed ({seeds[0]}); paired counts set each model against",
+                      "  MultiFusion at that seed, image by image (exact McNemar test)."]
     return "\n".join(
         [
             "# MultiFusion: results",
             "",
-            f"- Dataset: `{dataset}`" + (f" (test split: {int(n_test)} images)" if n_test else ""),
+            f"- Dataset: {dataset}" + (f" (test split: {int(n_test)} images)" if n_test else ""),
             f"- Date: {date}" + (f"; machine: {where}" if where else ""),
             "- Every model is trained from scratch on the same prepared splits, epoch budget and augmentation",
             "  as `train`, and scored on the test split under the same test-time policy (`evaluate.tta`),",
             "  with temperature-calibrated probabilities. `train s`: wall-clock seconds of training.",
+            *seed_lines,
             f"- Published columns: the paper (arXiv 2408.13661) on {PAPER_DATASET}; a different data set,",
             "  shown for reference, not measured here. T2T-ViT is the paper's nearest row to ViT-S.",
             "",
@@ -211,6 +253,10 @@ def render_results(
             ablation_table({FULL: ours, **ablations}),
             "",
             "![ablations](ablation.png)",
+            "",
+            "## Seeds",
+            "",
+            seed_table(rows, seeds),
             "",
         ]
     )
@@ -236,56 +282,38 @@ def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: st
     plt.close(fig)
 
 
-def write_report(
-    ours: dict[str, float], runs: dict[str, dict[str, float]], out_dir: str | Path, dataset: str, date: str | None = None
-) -> Path:
-    """Write results.md, summary.json, results.csv, topk.png and ablation.png into ``out_dir``."""
+def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, dataset: str, date: str | None = None) -> Path:
+    """Write results.md, summary.json, results.csv, topk.png and ablation.png into ``out_dir``.
+    ``rows``: ``seed_stats.summarize`` of every model, MultiFusion (``FULL``) among them."""
+    if FULL not in rows:
+        raise ValueError(f"compare.models lacks {FULL!r}: the report sets every model against it; add it in params.yaml")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = date or dt.date.today().isoformat()
-    rows = {FULL: ours, **runs}
-    (out_dir / "results.md").write_text(render_results(ours, runs, dataset, date, machine()))
-    keys = TOPK + PRF + ("ece", "train_seconds", "only_multifusion_right", "only_model_right", "mcnemar_p")
-    summary = {name: {k: float(m[k]) for k in keys if k in m} for name, m in rows.items()}
-    write_json(out_dir / "summary.json", summary)
-    csv = ["model,kind," + ",".join(TOPK + PRF)]
+    rows = {FULL: rows[FULL], **{n: m for n, m in rows.items() if n != FULL}}
+    atomic_text(out_dir / "results.md", render_results(rows, seeds, dataset, date, machine()))
+    write_json(out_dir / "summary.json", rows)
+    spreads = ("top1_std", "macro_f1_std")
+    csv = ["model,kind," + ",".join(TOPK + PRF + spreads) + ",seeds"]
     for name, m in rows.items():
         kind = "ablation" if is_ablation(name) and name != FULL else ("ours" if name == FULL else "baseline")
-        csv.append(f"{LABELS.get(name, name)},{kind}," + ",".join(f"{m[k]:.4f}" for k in TOPK + PRF))
-    (out_dir / "results.csv").write_text("\n".join(csv) + "\n")
-    plot_bars({FULL: ours, **{n: m for n, m in runs.items() if not is_ablation(n)}}, TOPK, out_dir / "topk.png", "Top-k accuracy, test split")
-    plot_bars({FULL: ours, **{n: m for n, m in runs.items() if is_ablation(n)}}, PRF, out_dir / "ablation.png", "Ablations: macro P / R / F1")
+        values = [f"{m[k]:.4f}" for k in TOPK + PRF] + [f"{m[k]:.4f}" if k in m else "" for k in spreads]
+        csv.append(f"{LABELS.get(name, name)},{kind}," + ",".join(values) + f",{m.get('n_seeds', 1)}")
+    atomic_text(out_dir / "results.csv", "\n".join(csv) + "\n")
+    plot_bars({n: m for n, m in rows.items() if not is_ablation(n) or n == FULL}, TOPK, out_dir / "topk.png", "Top-k accuracy, test split")
+    plot_bars({n: m for n, m in rows.items() if is_ablation(n)}, PRF, out_dir / "ablation.png", "Ablations: macro P / R / F1")
     return out_dir / "results.md"
 
 
-def collect_runs(compare_dir: str | Path, models: list[str]) -> dict[str, dict[str, float]]:
-    """``metrics/compare/<name>.json`` for every name in ``compare.models``, in that order."""
-    return {name: read_metrics(Path(compare_dir) / f"{name}.json") for name in models}
+def atomic_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def paired_against_full(full_csv: str | Path, run_csvs: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """name -> {only_multifusion_right, only_model_right, mcnemar_p}: each run's per-image
-    predictions against the full model's, on the same test images in the same order."""
-    labels, ours = read_confusion_csv(full_csv)
-    paired = {}
-    for name, path in run_csvs.items():
-        their_labels, theirs = read_confusion_csv(path)
-        if not np.array_equal(labels, their_labels):
-            raise ValueError(f"{path}: its test images differ from {full_csv}'s; rerun both on the same data/prepared")
-        b, c = paired_counts(labels, ours, theirs)
-        paired[name] = {"only_multifusion_right": b, "only_model_right": c, "mcnemar_p": mcnemar_exact(b, c)}
-    return paired
-
-
-def report_from_files(
-    cfg: Config, eval_json: str | Path, compare_dir: str | Path, out_dir: str | Path,
-    eval_plots: str | Path | None = None, compare_plots: str | Path | None = None,
-) -> Path:
-    """The report stage: read every metrics file named by params (and, given the plots folders
-    of evaluate and compare, every run's per-image predictions), write the report."""
-    runs = collect_runs(compare_dir, cfg.compare.models)
-    if eval_plots is not None and compare_plots is not None:
-        csvs = {name: Path(compare_plots) / name / "confusion.csv" for name in runs}
-        for name, paired in paired_against_full(Path(eval_plots) / "confusion.csv", csvs).items():
-            runs[name] = {**runs[name], **paired}
-    return write_report(read_metrics(eval_json), runs, out_dir, cfg.data.root)
+def report_from_files(cfg: Config, compare_dir: str | Path, out_dir: str | Path, compare_plots: str | Path | None = None) -> Path:
+    """The report stage: every model of ``compare.models`` at every seed of ``compare.seeds``
+    (metrics, and with ``compare_plots`` the per-image predictions), summarized and written."""
+    runs = read_runs(compare_dir, cfg.compare.models, cfg.compare.seeds, compare_plots)
+    return write_report(summarize(runs), cfg.compare.seeds, out_dir, dataset_label(cfg.compare.set, cfg.data.root))

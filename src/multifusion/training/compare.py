@@ -6,9 +6,11 @@ exactly as the main model (same prepared splits, ``train`` section, augmentation
                                             "models/compare/resnet18", "checkpoints/compare/resnet18",
                                             "dvclive/compare/resnet18")
 
-Names: the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
+Names: ``multifusion`` (the full model: params.yaml as it is, trained exactly as ``train``
+does), the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
 swin_tiny, vig) and the keys of ``compare.ablations`` in params.yaml (e.g. mf_no_text:
-``{fusion.text: false}``), each a set of dotted overrides on top of params.yaml.
+``{fusion.text: false}``), each a set of dotted overrides on top of params.yaml. The training
+seed is the config's ``seed``: the stage sets it from ``compare.seeds`` (``--seed``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from multifusion.core.config import Config, apply_overrides, config_from_dict
+from multifusion.core.config import FULL_MODEL, Config, apply_overrides, config_from_dict
 from multifusion.data.dataset import load_prepared
 from multifusion.evaluation.evaluate import evaluate_split
 from multifusion.core.json_files import write_json
@@ -38,8 +40,8 @@ RECIPE_BUDGET = ("train.epochs", "train.batch_size", "train.augment", "train.bal
 
 
 def check_name(name: str, cfg: Config) -> None:
-    if name not in BASELINES and name not in cfg.compare.ablations:
-        choices = ", ".join([*BASELINES, *cfg.compare.ablations])
+    if name != FULL_MODEL and name not in BASELINES and name not in cfg.compare.ablations:
+        choices = ", ".join([FULL_MODEL, *BASELINES, *cfg.compare.ablations])
         raise ValueError(f"compare: unknown model '{name}'; choose one of {choices} (or add it to compare.ablations in params.yaml)")
 
 
@@ -97,7 +99,8 @@ def run_comparison(
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     started = time.perf_counter()
-    fit(model, cfg_run, prepared_dir, model_dir, checkpoint_dir, live_dir, name, text=text)
+    # the full model under train's own name: its run (and model card) is the `train` stage's at this seed
+    fit(model, cfg_run, prepared_dir, model_dir, checkpoint_dir, live_dir, "hnf" if name == FULL_MODEL else name, text=text)
     train_seconds = time.perf_counter() - started
 
     loaded = load_model(model_dir)  # what a user gets from models/compare/<name>: the saved best weights
@@ -107,7 +110,7 @@ def run_comparison(
         loaded.model, prepared, "test", loaded.temperature, cfg_run.evaluate.batch_size, device, cfg_run.evaluate.ece_bins,
         cfg_run.evaluate.tta,
     )
-    metrics = {"model": name, **metrics, "params": int(n_params), "train_seconds": round(train_seconds, 1)}
+    metrics = {"model": name, "seed": cfg_run.seed, **metrics, "params": int(n_params), "train_seconds": round(train_seconds, 1)}
     if cfg.compare.robustness:
         from multifusion.evaluation.robustness import evaluate_under_shifts
 
