@@ -34,7 +34,7 @@ class Classifier:
         path: the model directory (``config.json`` + ``model.safetensors``).
         classes: the class names, in the order of the model's outputs.
         temperature: the calibration temperature saved with the model.
-        loaded: the rebuilt model and its config (:class:`multifusion.model.card.LoadedModel`).
+        loaded: the rebuilt model and its card (:class:`multifusion.model.card.LoadedModel`).
     """
 
     def __init__(self, path: str | Path, loaded: LoadedModel, device: str = "cpu") -> None:
@@ -57,30 +57,30 @@ class Classifier:
         self,
         paths: str | Path | Sequence[str | Path],
         *,
-        top_k: int | None = None,
-        uncertain_threshold: float | None = None,
-        batch_size: int | None = None,
+        top_k: int = 3,
+        uncertain_threshold: float = 0.5,
+        batch_size: int = 64,
         workers: int | None = None,
     ) -> pd.DataFrame:
         """Classify the micrographs named by ``paths`` (files, folders walked recursively, glob patterns).
 
         Returns one row per input file, in input order, with the columns of
         ``multifusion predict``'s CSV: ``path``, ``status`` (``ok`` | ``error``),
-        ``top1_class``, ``top1_prob`` ... ``topK_class``, ``topK_prob``, ``uncertain`` and
-        ``error``. Options left at None take the ``predict`` section the model was trained
-        with (its ``config.json``). ``workers``: decoding processes (None: the model's
-        ``data.workers``; 0: every core).
+        ``top1_class``, ``top1_prob`` ... ``topK_class``, ``topK_prob``, ``uncertain`` (top-1
+        probability below ``uncertain_threshold``) and ``error`` (why a file could not be
+        read), plus any score columns the screening adds. The defaults are those of
+        ``params.yaml``'s ``predict`` section (a test keeps them equal); a call does not
+        read ``params.yaml``. ``workers``: decoding processes (None: every core).
         """
         from multifusion.inference.predict import predict_paths
 
-        settings = self.loaded.cfg.predict
         result = predict_paths(
             self.path,
             _as_list(paths),
             None,
-            top_k=settings.top_k if top_k is None else top_k,
-            uncertain_threshold=settings.uncertain_threshold if uncertain_threshold is None else uncertain_threshold,
-            batch_size=settings.batch_size if batch_size is None else batch_size,
+            top_k=top_k,
+            uncertain_threshold=uncertain_threshold,
+            batch_size=batch_size,
             device=self.device,
             workers=workers,
             progress=False,
