@@ -233,6 +233,9 @@ def test_report_sets_every_run_against_ours_image_by_image_at_each_seed(metric_f
     readme.write_text(f"{BEGIN}\n{END}\n")
     update_readme(readme, root)  # root/reports holds this report
     assert "| ResNet-18 | 0.111 | 0.261 | 0.411 | – | 12 / 0 (p = 0.00) |" in readme.read_text()
+    # the seed table, from summary.json (no per-image files beside the report)
+    assert "| ResNet-18 | 0.110 / 0.410 | 0.111 / 0.411 | 0.112 / 0.412 | 0.111 ± 0.001 | 0.110–0.112 | 4 / 0, 4 / 0, 4 / 0 | 12 / 0 (p = 0.00) |" \
+        in readme.read_text()
 
     _write_predictions(root / "plots/compare/vig/seed44/confusion.csv", labels[::-1], labels[::-1])
     with pytest.raises(ValueError, match="vig/seed44/confusion.csv: its test images differ"):

@@ -6,8 +6,8 @@ committed comparison reports and pipeline plots.
 
 For every ``reports/<set>/`` (written by the comparison pipeline's report stage) it reads
 ``summary.json`` (every model's test scores), the date and machine lines of
-``results.md`` and, when present, the per-seed predictions of ``seeds/``
-(:mod:`multifusion.reporting.seed_runs`), and rewrites
+``results.md`` (per model, ``summary.json`` holds the scores at every seed of ``compare.seeds``
+and the paired counts against MultiFusion at each: the seed table), and rewrites
 
 - ``README.md`` between ``<!-- summary:begin -->`` and ``<!-- summary:end -->``: per set,
   MultiFusion against the best baseline and the text and hierarchy ablations, with paired counts;
@@ -29,8 +29,7 @@ import re
 import sys
 from pathlib import Path
 
-from multifusion.reporting.report import FULL, LABELS, is_ablation, paired_cell
-from multifusion.reporting.seed_runs import SEEDS, seed_table
+from multifusion.reporting.report import FULL, LABELS, is_ablation, paired_cell, seed_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SUMMARY_BEGIN, SUMMARY_END = "<!-- summary:begin -->", "<!-- summary:end -->"
@@ -94,9 +93,11 @@ def set_table(set_dir: Path, links: bool = True) -> str:
                 f"| {LABELS.get(name, name)} | {m['top1']:.3f} | {m['macro_f1']:.3f} | "
                 f"{full['top1'] - m['top1']:+.3f} / {full['macro_f1'] - m['macro_f1']:+.3f} | {paired_cell(m)} |"
             )
-    if (set_dir / SEEDS).is_dir():
-        lines += ["", f"Training seeds, from the per-image predictions in {_source(f'{shown}/{SEEDS}/', links)} "
-                  "(the same split; the comparison's run is one of them):", "", seed_table(set_dir)]
+    seeds = sorted({int(seed) for m in summary.values() for seed in m.get("per_seed", {})})
+    if len(seeds) > 1:  # a report of the seeds axis (compare.seeds): every model at every seed
+        lines += ["", f"Training seeds (from {_source(f'{shown}/summary.json', links)}; the same split at every seed, "
+                  "each model against MultiFusion at the same seed, then the exact McNemar test on the pairs pooled over the seeds):",
+                  "", seed_table(summary, seeds)]
     return "\n".join(lines)
 
 
