@@ -3,9 +3,12 @@ the library function that does the work."""
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import typer
+
+from multifusion.core.errors import UserError, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -21,6 +24,25 @@ def _print_version(value: bool) -> None:
 
         typer.echo(f"multifusion {__version__}")
         raise typer.Exit()
+
+
+# What a command reports as one line and exit status 2: a user's mistake or a file problem
+# (UserError: OutputPathError, ModelDirError, DiskFullError...; OSError: a path that cannot be
+# read or written; a ValueError raised with a message that names the fix).
+USER_ERRORS = (UserError, ValueError, OSError)
+
+
+def _fail(exc: BaseException) -> typing.NoReturn:
+    typer.echo(f"error: {one_line(exc)}", err=True)
+    raise typer.Exit(2)
+
+
+def _interrupted(command: str, since: int) -> typing.NoReturn:
+    """Ctrl-C: one line saying what was kept (files are written whole or not at all), exit 130."""
+    from multifusion.core.atomic import interrupted_line
+
+    typer.echo(f"{command}: {interrupted_line(since)}", err=True)
+    raise typer.Exit(130)
 
 
 @app.callback()
@@ -98,8 +120,10 @@ def predict(
 
     Example: multifusion predict --model models/hnf new_shots/ 'more/*.tif' --out predictions.csv --report report.html
     """
+    from multifusion.core.atomic import mark
     from multifusion.inference.predict import predict_paths, predict_settings
 
+    since = mark()
     try:
         settings = predict_settings(model, params)
         result = predict_paths(
@@ -112,9 +136,10 @@ def predict(
             contact_sheet_size=settings.contact_sheet,
             report=report,
         )
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted("predict", since)
     uncertain = int((result.table["uncertain"] == True).sum())  # noqa: E712 (column mixes bools and "")
     typer.echo(f"{out}: {result.n_read} classified ({uncertain} uncertain), {result.n_failed} unreadable")
     if result.n_read == 0:
@@ -135,13 +160,16 @@ def explain(
 
     Example: multifusion explain --model models/hnf shots/a.tif shots/b.tif --out figures/
     """
+    from multifusion.core.atomic import mark
     from multifusion.inference.overlays import explain_paths
 
+    since = mark()
     try:
         rows = explain_paths(model, paths, out, size=size, target=target, device=device)
-    except (FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _interrupted("explain", since)
     written = sum(1 for r in rows if not r["error"])
     typer.echo(f"{out}: {written} overlays, {len(rows) - written} unreadable; see {Path(out) / 'explanations.csv'}")
     if written == 0:

@@ -8,6 +8,8 @@ every image).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from multiprocessing import Pool
 from typing import Callable, Iterator, TypeVar
 
@@ -29,7 +31,11 @@ def parallel_map(work: Callable[[S], T], items: list[S], workers: int, progress:
     it: the products per item are small, and a multi-threaded BLAS in each of ``cores``
     processes oversubscribes the cores (15x slower on 2 cores); a limit set in a pool
     initializer instead leaves each worker an idle BLAS thread spinning at ~50% of a
-    core (both measured)."""
+    core (both measured).
+
+    Ctrl-C is the parent's alone: the workers are started with SIGINT ignored (it goes to
+    the whole process group), so the parent gets one KeyboardInterrupt, the pool is
+    terminated, and no worker prints a traceback."""
     workers = workers or os.cpu_count() or 1
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress)
     chunksize = chunksize or max(1, min(128, len(items) // (4 * workers)))
@@ -39,8 +45,25 @@ def parallel_map(work: Callable[[S], T], items: list[S], workers: int, progress:
                 yield work(item)
                 bar.update()
         else:
-            with Pool(workers) as pool:
+            with _pool_deaf_to_ctrl_c(workers) as pool:
                 for result in pool.imap(work, items, chunksize=chunksize):
                     yield result
                     bar.update()
     bar.close()
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_deaf_to_ctrl_c(workers: int) -> Pool:
+    """A Pool whose workers ignore SIGINT from birth: the parent ignores it while they are
+    forked (a Ctrl-C in that moment is lost, not printed by a worker), and each worker sets
+    it again (start methods that do not fork)."""
+    if threading.current_thread() is not threading.main_thread():
+        return Pool(workers, initializer=_ignore_sigint)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multifusion.core.atomic import atomic_path
 from multifusion.core.plotting import pyplot
 
 
@@ -46,7 +47,8 @@ def draw_contact_sheet(entries: list[SheetEntry], path: str | Path, title: str =
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # the extension is kept: it picks the format
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)

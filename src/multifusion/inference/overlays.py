@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from multifusion.evaluation.evaluate import predict_probs
+from multifusion.core.atomic import atomic_path, atomic_write
+from multifusion.core.output_paths import FOLDER_RULE
 from multifusion.inference.explain import Explainer, overlay, saved_text_record, top_descriptions
-from multifusion.inference.predict import expand_inputs, read_one
+from multifusion.inference.predict import check_output_paths, expand_inputs, image_probs, read_one, spreadsheet_safe
 from multifusion.model.card import load_model
 from multifusion.inference.screening_report import ATTENDED
 
@@ -43,7 +44,13 @@ def explain_paths(
     model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
     size: int = 512, target: str | None = None, batch_size: int = 32, device: str = "cpu",
 ) -> list[dict]:
-    """Write one overlay PNG per readable input and ``explanations.csv``; returns the CSV rows."""
+    """Write one overlay PNG per readable input and ``explanations.csv``; returns the CSV rows.
+
+    The call and its probability are ``predict``'s (:func:`multifusion.inference.predict.image_probs`:
+    the same test-time views, the same calibration). ``out_dir`` is checked before any work:
+    it may not be a file, an input folder (or inside one), hold an input or lie in the model folder."""
+    items = expand_inputs(inputs)
+    check_output_paths({"--out": (out_dir, FOLDER_RULE)}, inputs, items, model_dir)
     loaded = load_model(model_dir, device=device)
     if target is not None and target not in loaded.classes:
         raise ValueError(f"--target {target!r} is not a class of {model_dir}; choose one of {', '.join(loaded.classes)}")
@@ -51,21 +58,21 @@ def explain_paths(
     out_dir.mkdir(parents=True, exist_ok=True)
     text, taken, rows = saved_text_record(model_dir), set(), []
     explainer = Explainer(loaded.model)
-    items = expand_inputs(inputs)
     for start in range(0, len(items), batch_size):
-        decoded = [(p, *((None, problem) if problem else read_one(p, loaded.cfg.data))) for p, problem in items[start : start + batch_size]]
+        decoded = [(p, *((None, problem) if problem else read_one(p, loaded.input))) for p, problem in items[start : start + batch_size]]
         good = [(p, image) for p, image, _ in decoded if image is not None]
         rows += [{"path": str(p), "error": reason} for p, image, reason in decoded if image is None]
         if not good:
             continue
         images = np.stack([image for _, image in good])  # (B, S, S) uint8
-        probs = predict_probs(loaded.model, images, batch_size, device, temperature=loaded.temperature)  # (B, C)
+        probs = image_probs(loaded, images, batch_size, device)  # (B, C): predict's probabilities
         targets = probs.argmax(axis=1) if target is None else np.full(len(good), loaded.classes.index(target))
         maps = explainer.explain(images, targets, device)
         scale = max(1, round(size / images.shape[-1]))
         for j, (path, image) in enumerate(good):
             name = _unique_name(path, taken)
-            Image.fromarray(overlay(image, maps.heat[j], scale)).save(out_dir / name)
+            with atomic_path(out_dir / name) as tmp:  # ".png" kept: PIL picks the format by it
+                Image.fromarray(overlay(image, maps.heat[j], scale)).save(tmp)
             attended = top_descriptions(None if maps.attention is None else maps.attention[j], text, ATTENDED)
             rows.append({
                 "path": str(path), "overlay": name, "class": loaded.classes[targets[j]],
@@ -74,8 +81,8 @@ def explain_paths(
             })
     order = {str(p): i for i, (p, _) in enumerate(items)}
     rows.sort(key=lambda r: order[r["path"]])  # input order, unreadable files in place
-    with open(out_dir / "explanations.csv", "w", newline="") as f:
+    with atomic_write(out_dir / "explanations.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({key: spreadsheet_safe(value) for key, value in row.items()} for row in rows)
     return rows

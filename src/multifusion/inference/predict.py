@@ -18,6 +18,7 @@ screening needs no LLM and no network.
 
 from __future__ import annotations
 
+import errno
 import glob
 import heapq
 import os
@@ -37,8 +38,10 @@ from multifusion.data.decode import ImageError
 from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluation.evaluate import predict_probs
-from multifusion.model.card import CONFIG, load_model, model_config, read_record
+from multifusion.model.card import LoadedModel, load_model
+from multifusion.model.card_v1 import PACKAGE_PARAMS
 from multifusion.inference.screening_report import ScreeningReport
+from multifusion.core.atomic import atomic_write
 from multifusion.core.output_paths import CSV_RULE, FIGURE_RULE, HTML_RULE, check_outputs
 
 GLOB_CHARS = set("*?[")
@@ -52,40 +55,128 @@ class PredictionResult:
     least_certain: list[SheetEntry] = field(default_factory=list)  # lowest top-1 probability first
 
 
+EMPTY_FOLDER = "no micrographs found in this folder (hidden files are skipped)"
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why the symbolic link ``path`` cannot be read (a loop, a missing target), or None."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop: the link leads back to itself; skipped"
+        return f"broken symbolic link: its target {os.readlink(path)} does not exist"
+    return None
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
     """Files, folders (recursive) and globs -> ordered unique (path, problem) pairs.
 
-    ``problem`` is None for a file to decode, or the reason an input names nothing.
-    Folder contents and glob matches are sorted; hidden files and folders are skipped.
+    ``problem`` is None for a file to decode, or the reason an input names nothing (a
+    missing file, an empty folder, a link loop). Folder contents and glob matches are
+    sorted; hidden files and folders are skipped. Inputs that are the same file (relative,
+    absolute, ``a/../a`` or a link to it) give one pair, under the first spelling met.
     """
-    found: dict[Path, str | None] = {}
+    found: dict[str, tuple[Path, str | None]] = {}
+
+    def add(path: Path, problem: str | None = None) -> None:
+        if problem is None and os.path.islink(path):
+            problem = _link_problem(path)
+        found.setdefault(os.path.realpath(path), (path, problem))
 
     def add_folder(folder: Path) -> None:
+        before = len(found)
+        any_file = False
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(files):
                 if not name.startswith("."):
-                    found.setdefault(Path(root) / name, None)
+                    any_file = True
+                    add(Path(root) / name)
+        if not any_file and len(found) == before:
+            add(folder, EMPTY_FOLDER)
 
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             add_folder(path)
         elif path.is_file():
-            found.setdefault(path, None)
+            add(path)
+        elif os.path.islink(path):
+            add(path, _link_problem(path) or "no such file or folder")
         elif GLOB_CHARS & set(str(item)):
             matches = sorted(glob.glob(str(item), recursive=True))
             if not matches:
-                found.setdefault(path, "no file matches this pattern")
+                add(path, "no file matches this pattern")
             for match in matches:
                 match_path = Path(match)
                 if match_path.is_dir():
                     add_folder(match_path)
-                elif match_path.is_file():
-                    found.setdefault(match_path, None)
+                elif match_path.is_file() or os.path.islink(match_path):
+                    add(match_path)
         else:
-            found.setdefault(path, "no such file or folder")
-    return list(found.items())
+            add(path, "no such file or folder")
+    return list(found.values())
+
+
+def input_folders(inputs: Sequence[str | Path]) -> list[Path]:
+    """The folders :func:`expand_inputs` walks for ``inputs`` (given, or matched by a glob)."""
+    folders = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            folders.append(path)
+        elif not path.is_file() and GLOB_CHARS & set(str(item)):
+            folders += [Path(m) for m in glob.glob(str(item), recursive=True) if Path(m).is_dir()]
+    return folders
+
+
+def files_to_read(items: list[tuple[Path, str | None]]) -> list[Path]:
+    """The files of ``items`` to decode; a one-line ValueError when there is none (no CSV
+    of error rows alone: e.g. "no micrographs found in shots/")."""
+    to_read = [path for path, problem in items if problem is None]
+    if to_read:
+        return to_read
+    if not items:
+        raise ValueError("no input given: name micrograph files, folders or glob patterns")
+    if all(problem == EMPTY_FOLDER for _, problem in items):
+        raise ValueError(f"no micrographs found in {', '.join(str(p) for p, _ in items)} (hidden files are skipped)")
+    raise ValueError("nothing to classify: " + "; ".join(f"{p}: {problem}" for p, problem in items))
+
+
+def check_output_paths(outputs: dict, inputs: Sequence[str | Path], items: list[tuple[Path, str | None]],
+                       model_dir: str | Path) -> list[Path]:
+    """The output guard (:mod:`multifusion.core.output_paths`) for ``inputs`` expanded to
+    ``items``, then the files to read: all before the model is loaded."""
+    to_read = [path for path, problem in items if problem is None]
+    check_outputs(outputs, to_read, folders=input_folders(inputs), model=model_dir)
+    return files_to_read(items)
+
+
+def image_probs(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+    """uint8 images (B, S, S) -> calibrated class probabilities (B, C) under the model's
+    test-time policy (``evaluate.tta``: the 8-view average) and its temperature: the one
+    inference path of ``predict``, its report and ``explain``."""
+    return predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta)
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: object) -> object:
+    """A text cell a spreadsheet would run as a formula (starting with = + - @, tab or CR)
+    prefixed with a single quote, as OWASP advises against CSV injection; others unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> None:
+    """``table`` as CSV at ``path``: spreadsheet-safe text cells, written atomically."""
+    safe = table.copy()
+    for column in safe.columns:
+        if safe[column].dtype == object:
+            safe[column] = safe[column].map(spreadsheet_safe)
+    with atomic_write(path, "w", newline="") as f:
+        safe.to_csv(f, index=False)
 
 
 def read_one(path: Path, data: DataConfig) -> tuple[np.ndarray | None, str | None]:
@@ -171,13 +262,13 @@ def predict_paths(
 ) -> PredictionResult:
     """Classify every micrograph named by ``inputs``; write the CSV (and contact sheet).
 
-    ``workers``: decoding processes (None: the model's ``data.workers``; 0 = all cores).
+    ``workers``: decoding processes (None or 0 = all cores).
     ``report``: also write the screening page (HTML with explanation overlays) there.
     """
     check_arguments(device, top_k, batch_size, uncertain_threshold)
     items = expand_inputs(inputs)
     outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE), "--report": (report, HTML_RULE)}
-    check_outputs(outputs, [path for path, problem in items if problem is None])  # before any inference
+    check_output_paths(outputs, inputs, items, model_dir)  # before any inference
     loaded = load_model(model_dir, device=device)
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
@@ -185,12 +276,12 @@ def predict_paths(
     rows: list[dict] = []
     least_certain = LeastCertain(contact_sheet_size)
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
-    for batch in decode_batches(items, loaded.cfg.data, batch_size, loaded.cfg.data.workers if workers is None else workers):
+    for batch in decode_batches(items, loaded.input, batch_size, 0 if workers is None else workers):
         good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
         probs = np.zeros((0, len(classes)))
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            probs = predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.cfg.evaluate.tta)  # (B, C)
+            probs = image_probs(loaded, images, batch_size, device)  # (B, C)
         prob_of = dict(zip(good, probs))
         for i, (path, image, reason) in enumerate(batch):
             if image is None:  # class/prob columns stay empty
@@ -213,8 +304,7 @@ def write_outputs(rows: list[dict], k: int, least_certain: list[SheetEntry], out
     table = pd.DataFrame(rows, columns=_columns(k))
     n_read = int((table["status"] == "ok").sum())
     if out_csv is not None:
-        Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out_csv, index=False)
+        write_csv(table, out_csv)
     if contact_sheet is not None and least_certain:
         draw_contact_sheet(least_certain, contact_sheet, title=f"{len(least_certain)} least certain of {n_read}")
     if page is not None:
@@ -228,11 +318,10 @@ def _columns(k: int) -> list[str]:
 
 
 def predict_settings(model_dir: str | Path, params: str | Path | None) -> PredictConfig:
-    """The ``predict`` section: from ``params`` if given, else ./params.yaml if present,
-    else the params the model was trained with (its config.json)."""
-    if params is not None or Path("params.yaml").is_file():
-        return load_config(params or "params.yaml").predict
-    record_path = Path(model_dir) / CONFIG
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path}: missing; pass the directory of a trained model to --model")
-    return model_config(read_record(record_path), record_path).predict
+    """The ``predict`` section: from ``params`` if given, else ./params.yaml if present, else
+    the params.yaml of the source tree this package runs from. The model's card holds no
+    settings of its own (it describes the model, not how a lab screens with it)."""
+    for source in (params, "params.yaml", PACKAGE_PARAMS):
+        if source is not None and (source == params or Path(source).is_file()):
+            return load_config(source).predict
+    raise FileNotFoundError("no params.yaml here for the predict defaults; pass --params, or run from a project folder")

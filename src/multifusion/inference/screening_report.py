@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multifusion.core.atomic import atomic_write
 from multifusion.inference.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
 from multifusion.model.card import LoadedModel
 
@@ -179,13 +180,12 @@ class ScreeningReport:
 
     def close(self) -> Path:
         """Write the page (head, the streamed rows, the script) to ``path``; returns it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(self._head())
-            self._rows.seek(0)
-            shutil.copyfileobj(self._rows, out)
-            out.write(f"</tbody></table>\n<script>{SCRIPT}</script>\n</body></html>\n")
-        self._rows.close()
-        os.replace(tmp, self.path)
+        try:
+            with atomic_write(self.path, "w", encoding="utf-8") as out:  # all of the page or none of it
+                out.write(self._head())
+                self._rows.seek(0)
+                shutil.copyfileobj(self._rows, out)
+                out.write(f"</tbody></table>\n<script>{SCRIPT}</script>\n</body></html>\n")
+        finally:
+            self._rows.close()
         return self.path
