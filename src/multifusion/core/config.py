@@ -11,6 +11,8 @@ second default. Stage scripts call ``load_config()`` once and hand the sections 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import types
 import typing
@@ -448,11 +450,76 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return validate(_build(Config, raw, ""))
 
 
-def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
-    """Read params.yaml (plus dotted overrides) into a validated :class:`Config`."""
+def yaml_problem(path: str | Path, err: yaml.YAMLError) -> str:
+    """``<path>:<line>:<column>: <what is wrong>`` for a YAML syntax error (1-based, as editors
+    count), on one line, with the fix: what a user needs to find the mistake."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    context, begun = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and begun is not None and begun is not mark:
+        context += f" begun at line {begun.line + 1}, column {begun.column + 1}"
+    return f"{where}: invalid YAML: {problem}{f' ({context})' if context else ''}; fix the syntax there"
+
+
+def read_yaml(path: str | Path, error: type[Exception] = ConfigError) -> Any:
+    """The parsed YAML document in ``path``; a syntax error raises ``error`` with one line
+    naming the file, line and column (:func:`yaml_problem`). Used for params.yaml and every
+    YAML file a user edits (prompts/curated/*.yaml, prompts/classes.yaml)."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise error(yaml_problem(path, err)) from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+
+
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The raw params mapping of ``path`` (not yet checked against :class:`Config`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found; run from the project root or pass --params")
-    with path.open() as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections (seed, data, train, ...), got {type(raw).__name__}")
+    return raw
+
+
+# The params files this process loaded, with the digest of their values then (see
+# check_params_unchanged).
+_LOADED: dict[Path, str] = {}
+
+
+def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Config:
+    """Read params.yaml (plus dotted overrides) into a validated :class:`Config`. The file's
+    values are remembered, for :func:`check_params_unchanged`."""
+    raw = read_params(path)
+    _LOADED.setdefault(Path(path).resolve(), digest_params(raw))
     return config_from_dict(apply_overrides(raw, overrides or {}))
+
+
+def digest_params(raw: dict[str, Any]) -> str:
+    """sha256 of a parsed params mapping (so comments and layout do not count)."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_params_unchanged(stage: str) -> None:
+    """Raise ConfigError when a params file this process loaded now holds other values.
+
+    DVC runs one ``dvc exp run`` per workspace, but a second one started meanwhile
+    rewrites params.yaml with its ``-S`` values before it finds the workspace busy, and DVC
+    would then record those values in dvc.lock for a stage that ran with the old ones. A
+    long stage (the trainer: after every epoch and before it saves) calls this and stops
+    with one line instead."""
+    for path, digest in _LOADED.items():
+        try:
+            now = digest_params(read_params(path))
+        except ConfigError:
+            now = None
+        if now != digest:
+            raise ConfigError(
+                f"{path.name} changed while {stage} was running (a second `dvc exp run -S ...`, or an edit); "
+                f"{stage} stops rather than let DVC record params it did not run with. Restore {path.name} "
+                "and rerun; DVC runs one `dvc exp run` at a time per workspace: queue several with "
+                "`dvc exp run --queue -S ...` then `dvc queue start`"
+            )

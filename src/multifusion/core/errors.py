@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from multifusion.core.lifeline import watch_parent
+
 T = TypeVar("T")
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 OWN_CODE = (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[3] / "stages")
@@ -56,7 +58,13 @@ def one_line(err: BaseException) -> str:
 
 
 def run_stage(name: str, main: Callable[[], T]) -> T:
-    """``main()``; a user error becomes ``<name>: error: <message>`` on stderr and exit 1."""
+    """``main()``; a user error becomes ``<name>: error: <message>`` on stderr and exit 1.
+
+    Under DVC (``DVC_STAGE`` set) the stage is first tied to the DVC process: it stops when
+    that process dies (:func:`multifusion.core.lifeline.watch_parent`), so a rerun never
+    races an orphan."""
+    if os.environ.get("DVC_STAGE"):
+        watch_parent()
     try:
         return main()
     except Exception as err:  # noqa: BLE001 -- sorted below: user errors end cleanly, the rest re-raise

@@ -149,9 +149,13 @@ def split_layout(root: Path, top: list[Path]) -> list[tuple[Path, str | None]]:
 def scan_folder(root: str | Path) -> Scan:
     """Find ``<root>/<Class>/**/*`` or ``<root>/{train,val,test}/<Class>/**/*`` image files.
 
-    Raises FileNotFoundError when root is missing, LayoutError when split folders sit
-    beside other folders."""
+    Raises FileNotFoundError when root is missing, NotADirectoryError when it is a file,
+    LayoutError when split folders sit beside other folders or a class of val/ or test/
+    has no image in train/."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root}: data root is a file, not a folder; set data.root in params.yaml to the "
+                                 "folder holding <Class>/ (or train/ val/ test/) sub-folders")
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data root does not exist; set data.root in params.yaml "
                                 "(or run `dvc repro synthesize/dvc.yaml` for the default synthetic set)")
@@ -161,4 +165,41 @@ def scan_folder(root: str | Path) -> Scan:
         for class_dir in top if split is None else class_folders(folder, scan):
             if walk_class(class_dir, class_dir.name, split, scan, frozenset({os.path.realpath(class_dir)})) == 0:
                 scan.skip(class_dir, "empty class folder: no image files; add images or remove the folder")
+    check_train_classes(root, [(c, s) for _, c, s in scan.files])
     return scan
+
+
+def check_train_classes(root: Path | str, labelled: list[tuple[str, str | None]]) -> None:
+    """In a split layout, every class of val/ or test/ must have images in train/: a class
+    the model never sees in training would be scored all the same. ``labelled``: (class,
+    given split) of each usable file. Raises LayoutError naming the classes."""
+    given = {split for _, split in labelled}
+    if given == {None} or not given:
+        return
+    trained = {c for c, split in labelled if split == "train"}
+    missing: dict[str, set[str]] = {}
+    for class_name, split in labelled:
+        if split in ("val", "test") and class_name not in trained:
+            missing.setdefault(class_name, set()).add(split)
+    if missing:
+        shown = ", ".join(f"{c} (in {'/'.join(sorted(s))})" for c, s in sorted(missing.items()))
+        raise LayoutError(f"{root}: class(es) {shown} have no usable image in train/: the model would never learn them "
+                          f"but be scored on them; add their images under {Path(root) / 'train'}/<Class>/, or remove "
+                          "those folders from val/ and test/")
+
+
+def check_data_root(root: str | Path) -> dict[str, object]:
+    """The layout checks ``prepare`` makes before it writes, without decoding an image:
+    the root is a folder, its layout is unambiguous, it holds image files of at least two
+    classes, and every val/test class is in train/. Raises LayoutError (or the path errors
+    of :func:`scan_folder`) with the same messages; returns a summary that depends only on
+    the layout: ``{"root", "split_layout", "classes"}``."""
+    scan = scan_folder(root)
+    if not scan.files:
+        raise LayoutError(f"{root}: no image files found in <root>/<Class>/ or <root>/{{train,val,test}}/<Class>/; "
+                          "point data.root at a folder of class sub-folders")
+    classes = sorted({c for _, c, _ in scan.files})
+    if len(classes) < 2:
+        raise LayoutError(f"{root}: only {len(classes)} class with image files ({', '.join(classes)}); "
+                          "a classifier needs at least 2 class folders")
+    return {"root": str(root), "split_layout": any(s for _, _, s in scan.files), "classes": classes}

@@ -28,7 +28,7 @@ import pandas as pd
 from multifusion.core.errors import UserError
 from multifusion.core.config import DataConfig
 from multifusion.data.ingest import Record, prepare_files
-from multifusion.data.layout import LayoutError, Scan, scan_folder
+from multifusion.data.layout import LayoutError, Scan, check_train_classes, scan_folder
 from multifusion.data.split import (MIN_GROUPS, SPLITS, assign_splits, connected_groups, near_duplicate_pairs,
                                     pattern_pairs)
 from multifusion.core.json_files import write_json
@@ -92,7 +92,7 @@ def _scan(root: Path) -> Scan:
     """The labelled files under ``root``, each passed-over path logged."""
     try:
         scan = scan_folder(root)
-    except (FileNotFoundError, LayoutError) as err:
+    except (FileNotFoundError, NotADirectoryError, LayoutError) as err:
         raise PrepareError(str(err)) from None
     for item in scan.skipped:
         log.warning("skip %s: %s", item["path"], item["reason"])
@@ -102,7 +102,7 @@ def _scan(root: Path) -> Scan:
     return scan
 
 
-def _ingest(scan: Scan, data: DataConfig, progress: bool) -> tuple[Kept, list[dict[str, str]], list[dict[str, str]],
+def _ingest(root: Path, scan: Scan, data: DataConfig, progress: bool) -> tuple[Kept, list[dict[str, str]], list[dict[str, str]],
                                                                    list[dict[str, list[str]]]]:
     """Ingest every scanned file: the usable unique ones, the skipped (scan's and bad
     files), the exact duplicates dropped and the label conflicts."""
@@ -116,7 +116,12 @@ def _ingest(scan: Scan, data: DataConfig, progress: bool) -> tuple[Kept, list[di
         else:
             good.append((record, class_name, split))
     kept_idx, duplicates, conflicts = _keep_unique([r for r, _, _ in good], [c for _, c, _ in good])
-    return [good[i] for i in kept_idx], skipped, duplicates, conflicts
+    kept = [good[i] for i in kept_idx]
+    try:  # again after decoding: a class whose train/ files were all unusable
+        check_train_classes(root, [(c, s) for _, c, s in kept])
+    except LayoutError as err:
+        raise PrepareError(f"{err} (its train/ files were skipped: see the messages above)") from None
+    return kept, skipped, duplicates, conflicts
 
 
 def _classes(root: Path, scan: Scan, good: Kept, n_skipped: int) -> tuple[list[str], list[str]]:
@@ -190,7 +195,7 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
     Every byte written depends on the inputs only (no timings: see multifusion.core.timings)."""
     root, out_dir = Path(root), Path(out_dir)
     scan = _scan(root)
-    good, skipped, duplicates, conflicts = _ingest(scan, data, progress)
+    good, skipped, duplicates, conflicts = _ingest(root, scan, data, progress)
     classes, dropped = _classes(root, scan, good, len(skipped))
     manifest = _manifest(root, good, classes, data, seed)
     images = np.stack([r.image for r, _, _ in good])  # (N, S, S) uint8

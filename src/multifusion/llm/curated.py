@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from multifusion.core.config import read_yaml
 from multifusion.llm.requests import LLMRequest
 
 CURATED_DIR = "curated"
@@ -45,7 +44,7 @@ def load_curated(prompts_dir: str | Path) -> CuratedTexts:
     versions: set[str] = set()
     texts: dict[str, dict[str, list[str]]] = {}
     for path in files:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path, CuratedMissingError) or {}
         if not isinstance(raw, dict) or not isinstance(raw.get("version"), str) or not isinstance(raw.get("classes"), dict):
             raise CuratedMissingError(f"{path}: expected keys 'version' (string) and 'classes' (mapping); see the file header")
         versions.add(raw["version"])

@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from multifusion.core.config import read_yaml
 
 MARKER = "FINAL DESCRIPTION:"
 TEMPLATES_DIR = "templates"
@@ -50,7 +50,7 @@ def load_classes_file(path: str | Path, class_names: list[str]) -> list[ClassInf
     path = Path(path)
     if not path.is_file():
         raise PromptError(f"{path}: classes file not found; create it or set llm.classes_file in params.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, PromptError) or {}
     if not isinstance(raw, dict):
         raise PromptError(f"{path}: must map folder names to {{label, hint}}; see prompts/classes.yaml")
     infos = []

@@ -22,6 +22,7 @@ images as in a single process. Only rank 0 validates and writes.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +36,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from multifusion.evaluation.calibration import calibrate_temperature
-from multifusion.core.config import Config, TrainConfig
+from multifusion.core.config import Config, TrainConfig, check_params_unchanged
 from multifusion.data.dataset import Prepared, SplitDataset, augment_batch, collate_batch, load_prepared, normalize, to_unit
 from multifusion.evaluation.evaluate import macro_scores, predict_logits
 from multifusion.core.optim import adamw, optimizer_step, warmup_cosine
 from multifusion.core.runtime import Runtime, seed_everything, setup_runtime, teardown_runtime
 from multifusion.model.card import save_model
 from multifusion.text.features import TextFeatures
-from multifusion.training.train_state import load_training_state, rng_states, run_fingerprint, save_training_state, set_rng_states
+from multifusion.training.train_state import (checkpoint_lock, load_training_state, rng_states, run_fingerprint,
+                                               save_training_state, set_rng_states)
 from multifusion.training.training_log import close_live, epoch_row, log_row, open_live
 
 if TYPE_CHECKING:
@@ -114,6 +116,7 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     criterion: nn.Module
     fingerprint: str                 # what a checkpoint must match to be resumed
+    model_name: str = "model"
 
     @property
     def num_classes(self) -> int:
@@ -187,7 +190,8 @@ def start_run(model: nn.Module, cfg: Config, prepared_dir: str | Path, model_nam
     )
     criterion = loss_function(train, train_set.targets, len(prepared.classes), runtime.device)
     fingerprint = run_fingerprint(cfg, model_name, model.state_dict(), data_key(prepared), runtime.world_size)
-    return TrainingRun(cfg, runtime, prepared, train_set, val_indices, model, train_model, optimizer, scheduler, criterion, fingerprint)
+    return TrainingRun(cfg, runtime, prepared, train_set, val_indices, model, train_model, optimizer, scheduler, criterion, fingerprint,
+                       model_name)
 
 
 def resume(run: TrainingRun, checkpoint_dir: str | Path) -> Progress:
@@ -298,6 +302,7 @@ def end_epoch(
     row = epoch_row(epoch, *train_scores, val, run.scheduler.get_last_lr()[0])
     progress.history.append(row)
     log_row(live, row)
+    check_params_unchanged(f"training {run.model_name}")  # before this epoch's checkpoint: see the function
     save_training_state(checkpoint_dir, training_state(run, progress, epoch))
     print(
         f"epoch {epoch + 1}/{train.epochs}  train loss {train_scores[0]:.4f} acc {train_scores[1]:.3f}  "
@@ -317,6 +322,7 @@ def share_stopped(runtime: Runtime, stopped: bool) -> bool:
 def finish(run: TrainingRun, progress: Progress, out_dir: str | Path, model_name: str, text: TextFeatures | None, live: Live) -> None:
     """Rank 0: keep the best weights under early stopping, fit the temperature on val, save, close the log."""
     cfg = run.cfg
+    check_params_unchanged(f"training {model_name}")
     if cfg.train.patience > 0:  # early stopping: the best val weights; otherwise the last ones
         run.model.load_state_dict(progress.best_state)
     # the temperature is fitted under the test-time policy the model is used with
@@ -345,7 +351,32 @@ def fit(
     config so :func:`multifusion.model.card.load_model` can rebuild the model. Returns the
     model holding the saved weights (on rank 0; other ranks hold the last ones). The
     fitted temperature is in ``out_dir/config.json``.
+
+    Rank 0 holds ``checkpoint_dir`` for the whole run (a second trainer on it is refused),
+    and stops with one line if params.yaml is rewritten under it (a second ``dvc exp run``).
     """
+    if is_main_process():
+        with checkpoint_lock(checkpoint_dir):
+            return _fit(model, cfg, prepared_dir, out_dir, checkpoint_dir, live_dir, model_name, text)
+    return _fit(model, cfg, prepared_dir, out_dir, checkpoint_dir, live_dir, model_name, text)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a single process (read from the environment torchrun sets)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fit(
+    model: nn.Module,
+    cfg: Config,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint_dir: str | Path,
+    live_dir: str | Path,
+    model_name: str,
+    text: TextFeatures | None,
+) -> nn.Module:
+    """:func:`fit`, with the checkpoint folder held."""
     run = start_run(model, cfg, prepared_dir, model_name)
     progress = resume(run, checkpoint_dir)
     main = run.runtime.is_main

@@ -14,16 +14,24 @@ import hashlib
 import json
 import os
 import random
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from multifusion.core.errors import one_line
+from multifusion.core.errors import UserError, one_line
 from multifusion.core.config import Config
 
 TRAIN_STATE = "last.pt"
+
+
+class CheckpointBusyError(UserError, RuntimeError):
+    """Another process holds the checkpoint folder."""
+
 # What a training checkpoint may hold beyond tensors and plain Python: numpy's RNG state
 # (a uint32 array) and numpy scalars in the metric history. Nothing else is unpickled.
 CHECKPOINT_GLOBALS = [
@@ -68,12 +76,59 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write ``checkpoint_dir/last.pt`` (a kill mid-write leaves the old one)."""
+    """Atomically write ``checkpoint_dir/last.pt`` (a kill mid-write leaves the old one).
+
+    The temp file has a unique name beside it (``.last.pt.<random>.tmp``), so a stale one
+    left by a killed run, or another writer, never collides with this one; it is removed
+    when the write fails."""
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint_dir / (TRAIN_STATE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, checkpoint_dir / TRAIN_STATE)
+    fd, name = tempfile.mkstemp(dir=checkpoint_dir, prefix=f".{TRAIN_STATE}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, checkpoint_dir / TRAIN_STATE)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(checkpoint_dir: str | Path) -> None:
+    """Delete temp files a killed writer left in ``checkpoint_dir`` (call while holding its lock)."""
+    for stale in Path(checkpoint_dir).glob(f".{TRAIN_STATE}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    (Path(checkpoint_dir) / (TRAIN_STATE + ".tmp")).unlink(missing_ok=True)  # the fixed name of older versions
+
+
+@contextmanager
+def checkpoint_lock(checkpoint_dir: str | Path) -> Iterator[None]:
+    """Hold ``checkpoint_dir`` for one training: a second trainer on the same folder (an
+    orphan of a killed ``dvc repro``, a second run) is refused with one line instead of
+    racing this one's checkpoints. An advisory ``flock`` on the folder itself (no lock
+    file inside a DVC output); released when the process ends, however it ends."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(checkpoint_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointBusyError(
+                f"{checkpoint_dir}: another training is writing checkpoints here (a run still going, or one "
+                "orphaned by a killed dvc); wait for it to finish or stop it, then rerun"
+            ) from None
+        remove_stale_temps(checkpoint_dir)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def load_training_state(checkpoint_dir: str | Path, fingerprint: str) -> dict[str, Any] | None:
