@@ -430,8 +430,6 @@ def _cross_problems(cfg: Config) -> list[str]:
             re.compile(cfg.data.group_pattern)
         except re.error as err:
             problems.append(f"data.group_pattern {cfg.data.group_pattern!r} is not a valid regular expression ({err})")
-    if FULL_MODEL not in cfg.compare.models:
-        problems.append(f"compare.models {cfg.compare.models!r} lacks {FULL_MODEL!r}, the full model every row is set against; add it")
     return problems
 
 
