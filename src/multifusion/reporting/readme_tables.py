@@ -29,6 +29,7 @@ import re
 import sys
 from pathlib import Path
 
+from multifusion.core.atomic import write_bytes, write_text
 from multifusion.reporting.report import FULL, LABELS, is_ablation, paired_cell, seed_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -121,6 +122,12 @@ def best_baseline(summary: dict[str, dict[str, float]]) -> str | None:
     return max(baselines, key=lambda n: (round(summary[n]["top1"], 3), summary[n]["macro_f1"])) if baselines else None
 
 
+def _test_images(results_md: str) -> str:
+    """': 293 test images' from the report's dataset line, or nothing."""
+    found = re.search(r"test split: (\d+) images", _header_line(results_md, "- Dataset:"))
+    return f": {found.group(1)} test images" if found else ""
+
+
 def summary_table(set_dir: Path) -> str:
     """Markdown for one set, README-sized: MultiFusion, the best baseline, and the ablations
     without the text and without the hierarchy, each with the test images only MultiFusion /
@@ -133,8 +140,8 @@ def summary_table(set_dir: Path) -> str:
         rows.append((best, "best baseline"))
     rows += [(name, "ablation") for name in (TEXT_ABLATION, HIERARCHY_ABLATION) if name in summary]
     lines = [
-        f"**`{set_dir.name}`**: {_no_machine_paths(_header_line(md, '- Dataset:'))}; "
-        f"{_header_line(md, '- Date:').split(';')[0]}; source [`reports/{set_dir.name}/results.md`](reports/{set_dir.name}/results.md).",
+        f"**`{set_dir.name}`**{_test_images(md)}, {_header_line(md, '- Date:').split(';')[0]}; "
+        f"source [`reports/{set_dir.name}/results.md`](reports/{set_dir.name}/results.md).",
         "",
         "| model | role | top-1 | macro F1 | test images only MultiFusion / only it gets right (McNemar p) |",
         "|---|---|---|---|---|",
@@ -212,7 +219,7 @@ def update_readme(readme: Path, reports_dir: Path) -> bool:
     """Rewrite the full results section between the results markers; True when the file changed."""
     text = readme.read_text()
     new = replace_section(text, BEGIN, END, results_section(reports_dir), str(readme))
-    readme.write_text(new)
+    write_text(readme, new)
     return new != text
 
 
@@ -239,8 +246,7 @@ def write_generated(root: Path = Path(".")) -> list[Path]:
     written = []
     for path, data in generated_files(root).items():
         if not path.is_file() or path.read_bytes() != data:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            write_bytes(path, data)
             written.append(path)
     return written
 
