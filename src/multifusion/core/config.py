@@ -483,8 +483,8 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return raw
 
 
-# The params files this process loaded, with the digest of their values then (see
-# check_params_unchanged).
+# The params file this process loaded last, with the digest of its values when first
+# loaded (see check_params_unchanged). One file: a stage reads one params.yaml.
 _LOADED: dict[Path, str] = {}
 
 
@@ -492,7 +492,10 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read params.yaml (plus dotted overrides) into a validated :class:`Config`. The file's
     values are remembered, for :func:`check_params_unchanged`."""
     raw = read_params(path)
-    _LOADED.setdefault(Path(path).resolve(), digest_params(raw))
+    key = Path(path).resolve()
+    if key not in _LOADED:  # the same file again keeps its first digest: a rewrite in between still shows
+        _LOADED.clear()
+        _LOADED[key] = digest_params(raw)
     return config_from_dict(apply_overrides(raw, overrides or {}))
 
 
@@ -502,7 +505,7 @@ def digest_params(raw: dict[str, Any]) -> str:
 
 
 def check_params_unchanged(stage: str) -> None:
-    """Raise ConfigError when a params file this process loaded now holds other values.
+    """Raise ConfigError when the params file this process loaded now holds other values.
 
     DVC runs one ``dvc exp run`` per workspace, but a second one started meanwhile
     rewrites params.yaml with its ``-S`` values before it finds the workspace busy, and DVC
