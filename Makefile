@@ -2,25 +2,68 @@
 # `make test` (the test suite). Both create .venv and install on first use.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-# The CPU wheel of torch; an unpinned torch pulls a multi-GB CUDA build. Override on a
-# GPU machine: make run TORCH_SPEC=torch
-TORCH_SPEC ?= torch==2.13.0
+# What `make install` installs: a hash-pinned lock of every runtime and dev dependency, for
+# Linux x86-64 and CPython 3.11 (docs/reproducibility-install.md). The default is the CPU build
+# of torch; on a CUDA machine: make run LOCK=requirements/cuda.lock (PyPI's CUDA torch, every
+# other pin the same). `make lock` re-resolves both locks after a pyproject.toml change.
+LOCK    ?= requirements/cpu.lock
+# TORCH_SPEC=<spec> skips the lock: pyproject.toml's ranges (today's releases) with that torch,
+# e.g. make run TORCH_SPEC=torch (PyPI's CUDA build). Not reproducible: dvc.lock hashes may change.
+TORCH_SPEC ?=
+# Where the +cpu torch wheel is found (PyPI has only CUDA builds): PyTorch's CPU index page, or
+# this workplace's /opt/wheels, which holds the same file (same sha256).
+TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
+# uv (pinned in the lock, bootstrapped with pip) installs ~10x faster than pip and removes what
+# the lock does not list; INSTALLER=pip does the same install with pip alone (slower).
+INSTALLER ?= uv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test test-all clean-outputs
+.PHONY: install run test test-all lock clean-outputs
 
-$(VENV)/.installed: pyproject.toml
+# The stamp records what was installed; asking for another lock (or TORCH_SPEC) re-installs.
+INSTALL_FROM := $(if $(TORCH_SPEC),ranges $(TORCH_SPEC),$(LOCK))
+ifneq ($(strip $(shell cat $(VENV)/.installed 2>/dev/null)),$(strip $(INSTALL_FROM)))
+.PHONY: $(VENV)/.installed
+endif
+
+$(VENV)/.installed: pyproject.toml $(if $(TORCH_SPEC),,$(LOCK))
 	test -x $(PY) || python3 -m venv $(VENV)
+	@# Switching builds: "torch==2.13.0" (cuda.lock) counts 2.13.0+cpu as installed, so drop it.
+	if [ -s $@ ] && [ "$$(cat $@)" != "$(INSTALL_FROM)" ]; then $(PY) -m pip uninstall -y -q torch; fi
+ifneq ($(TORCH_SPEC),)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
-	touch $@
+else ifeq ($(INSTALLER),pip)
+	$(PY) -m pip install -q --require-hashes --find-links $(TORCH_FIND_LINKS) -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+else
+	awk '/^uv==/ {p=1; print; next} p && /^[ \t]/ {print; next} {p=0}' $(LOCK) > $(VENV)/uv.lock.txt
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/uv.lock.txt
+	$(VENV)/bin/uv pip sync -q --require-hashes --python $(PY) --find-links $(TORCH_FIND_LINKS) $(LOCK)
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+endif
+	echo "$(INSTALL_FROM)" > $@
 
 install: $(VENV)/.installed
+
+# Re-resolve requirements/cpu.lock and cuda.lock from pyproject.toml (runtime + dev extra) and
+# requirements/{cpu,cuda}.in + constraints.txt, for Linux x86-64 / CPython 3.11. Every pin that
+# still satisfies the ranges is kept (uv prefers the versions already in the lock); UPGRADE=1
+# takes the newest releases instead (constraints.txt's pins stay). Then `make test` (which runs
+# tests/test_lock.py), and `make run` to check dvc.lock still reproduces.
+UV ?= $(VENV)/bin/uv
+LOCK_FLAGS = --extra dev --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q \
+	$(if $(UPGRADE),--upgrade)
+lock: $(VENV)/.installed
+	$(UV) pip compile pyproject.toml requirements/cpu.in $(LOCK_FLAGS) \
+		--find-links $(TORCH_FIND_LINKS) -o requirements/cpu.lock
+	$(UV) pip compile pyproject.toml requirements/cuda.in $(LOCK_FLAGS) -o requirements/cuda.lock
 
 # Two BLAS/OpenMP threads, pinned: floating-point reductions depend on the thread count, so a
 # fixed count is what makes a fresh `make run` reproduce the committed dvc.lock bit for bit on
