@@ -41,6 +41,7 @@ SOLVERS = ("rk4", "euler", "dopri5")               # hnf.ode.solver
 FUSION_MODES = ("mha", "concat")                   # fusion.mode
 BALANCE_MODES = ("loss", "sampler", "none")        # train.balance
 DEVICES = ("auto", "cpu", "cuda")                  # train.device, evaluate.device
+OOD_SCORES = ("knn", "mahalanobis", "energy", "max_softmax")  # ood.score
 MAX_HNF_LAYERS = 4
 FULL_MODEL = "multifusion"                         # compare.models: the full model (default config), every paired test's reference
 
@@ -206,6 +207,16 @@ class PredictConfig:
     batch_size: int
     uncertain_threshold: float
     contact_sheet: int
+    single_view_confidence: float              # adaptive views: one view stands above this calibrated top-1 prob; 1 = always 8
+
+
+@dataclass(frozen=True)
+class OodConfig:
+    score: str                                 # the unknown-material score fitted at the end of train
+    keep_rate: float                           # share of val (in-distribution) images the threshold keeps as known
+    knn_k: int                                 # knn: the neighbour whose distance is the score
+    drift_p: float                             # batch summary: warn when the binomial p-value is below this
+    target_accuracies: list[float]             # evaluate: coverage reported at each of these accuracies
 
 
 @dataclass(frozen=True)
@@ -237,6 +248,7 @@ class Config:
     train: TrainConfig
     evaluate: EvaluateConfig
     predict: PredictConfig
+    ood: OodConfig
     robustness: RobustnessConfig
     compare: CompareConfig
 
@@ -379,7 +391,9 @@ RULES: dict[str, Check] = {
     "train.augment.brightness": at_least(0), "train.augment.contrast": at_least(0), "train.augment.noise": at_least(0),
     "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),
     "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
-    "predict.contact_sheet": at_least(0),
+    "predict.contact_sheet": at_least(0), "predict.single_view_confidence": in_range(0.0, 1.0, low_open=True),
+    "ood.score": one_of(OOD_SCORES), "ood.keep_rate": in_range(0.0, 1.0, low_open=True), "ood.knn_k": at_least(1),
+    "ood.drift_p": in_range(0.0, 1.0, True, True), "ood.target_accuracies": in_range(0.0, 1.0, True),
     "robustness.seed": at_least(0), "robustness.batch_size": at_least(1),
     "robustness.gaussian_noise": at_least(0), "robustness.poisson_noise": POSITIVE,
     "robustness.defocus_blur": at_least(0), "robustness.contrast": at_least(0),

@@ -10,7 +10,8 @@ epoch it validates (loss, accuracy, macro-F1), logs to dvclive and writes a chec
 (weights, optimizer, scheduler, RNG states, epoch, best score, best weights, history)
 from which a killed run resumes to the same final weights. Early stopping on val
 macro-F1 (``train.patience`` > 0) keeps the best weights; without it the last ones are
-kept. At the end it fits a temperature on the validation split and saves the model with
+kept. At the end it fits a temperature on the validation split, fits the unknown-material score and the val
+risk-coverage curve (:mod:`multifusion.training.screening`) and saves the model with
 :func:`multifusion.model.card.save_model`.
 
 Distributed: under ``torchrun`` (WORLD_SIZE > 1) it uses DDP (nccl on CUDA, gloo on
@@ -45,6 +46,7 @@ from multifusion.model.card import save_model
 from multifusion.text.features import TextFeatures
 from multifusion.training.train_state import (checkpoint_lock, load_training_state, rng_states, run_fingerprint,
                                                save_training_state, set_rng_states)
+from multifusion.training.screening import fit_screening
 from multifusion.training.training_log import close_live, epoch_row, log_row, open_live
 
 if TYPE_CHECKING:
@@ -330,7 +332,10 @@ def finish(run: TrainingRun, progress: Progress, out_dir: str | Path, model_name
     groups = run.prepared.manifest["group"].to_numpy()[run.val_indices]
     calibration = calibrate_temperature(val_logits, run.prepared.labels(run.val_indices), groups)
     temperature = calibration.temperature
-    save_model(out_dir, run.model, cfg, run.prepared.classes, text, temperature, model_name, calibration=calibration.to_dict())
+    # the unknown-material score and the val risk-coverage curve, on the final weights and temperature
+    unknown = fit_screening(run.model, run.prepared, cfg, temperature, run.runtime.device, out_dir)
+    save_model(out_dir, run.model, cfg, run.prepared.classes, text, temperature, model_name, calibration=calibration.to_dict(),
+               unknown=unknown)
     close_live(live, progress.history, progress.best_f1, temperature)
     print(f"best val macro-F1 {progress.best_f1:.3f}; temperature {temperature:.3f}; saved {out_dir}", flush=True)
 
