@@ -410,3 +410,97 @@ def test_a_stage_started_by_hand_outlives_its_shell(tmp_path):
         for pid in (child, worker):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- two `dvc exp run` at once --------------------------------------------------------------------
+
+
+def test_the_workspace_entry_blocks_a_second_exp_run_and_is_released(tmp_path, monkeypatch):
+    """DVC's experiment lock, as a second `dvc exp run` takes it before it stashes anything."""
+    from dvc.fs import localfs
+    from dvc.lock import LockError
+    from dvc.rwlock import rwlock
+
+    from multifusion.core import exp_lock
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert exp_lock.workspace_run_root() is None                                 # `dvc repro`: holds nothing
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "elsewhere"))
+    assert exp_lock.workspace_run_root() is None                                 # a queued run in a temp copy
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert exp_lock.workspace_run_root() == tmp_path.resolve()
+
+    lock_dir = tmp_path / exp_lock.LOCK_DIR
+    dvc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # stands for the running dvc
+    try:
+        assert exp_lock._edit(lock_dir, "hold", exp_lock.entry_for(dvc.pid))
+        assert not exp_lock._edit(lock_dir, "hold", exp_lock.entry_for(dvc.pid))   # a later stage: already held
+        with pytest.raises(LockError, match=r"'workspace' is busy(.|\n)*dvc exp run --queue"):
+            with rwlock(str(lock_dir), localfs, "dvc exp run -S x=1", [], ["workspace", "refs/exps/stash"], False):
+                pass
+        releaser = subprocess.Popen([sys.executable, "-m", "multifusion.core.exp_lock", str(lock_dir), str(dvc.pid)], env=ENV)
+        time.sleep(0.5)
+        assert releaser.poll() is None                                           # waits while dvc runs
+    finally:
+        dvc.kill()
+        dvc.wait()
+    assert releaser.wait(timeout=10) == 0
+    assert json.loads((lock_dir / "rwlock").read_text()).get("read", {}) == {}   # released: no stale reader
+    with rwlock(str(lock_dir), localfs, "dvc exp run -S x=1", [], ["workspace"], False):
+        pass
+
+
+STAGE = """
+import time
+from pathlib import Path
+import yaml
+from multifusion.core.errors import run_stage
+
+def main():
+    start = yaml.safe_load(Path("params.yaml").read_text())
+    Path("started").write_text("")
+    deadline = time.monotonic() + 60
+    while not Path("go").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    Path("out.json").write_text(repr((start, yaml.safe_load(Path("params.yaml").read_text()))))
+
+run_stage("s", main)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_exp_run_is_refused_before_it_touches_params_and_the_first_completes(tmp_path):
+    """Two real `dvc exp run` in one workspace (about 15 s)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("a: 1\nepochs: 30\n")
+    (repo / "stage.py").write_text(STAGE)
+    (repo / ".gitignore").write_text("started\ngo\n")
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python stage.py\n    deps: [stage.py]\n"
+                                   "    params: [a, epochs]\n    outs: [out.json]\n")
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=ENV, capture_output=True, text=True, timeout=120)
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    assert dvc("init", "-q").returncode == 0
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=repo, check=True)
+
+    first = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-S", "a=2"], cwd=repo, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (repo / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = dvc("exp", "run", "-S", "epochs=1")
+    assert second.returncode != 0 and "'workspace' is busy" in second.stderr, second.stderr
+    assert yaml.safe_load((repo / "params.yaml").read_text()) == {"a": 2, "epochs": 30}   # untouched
+    (repo / "go").write_text("")
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out
+    assert (repo / "out.json").read_text() == repr(({"a": 2, "epochs": 30}, {"a": 2, "epochs": 30}))
+    third = dvc("exp", "run", "-S", "a=3")
+    assert third.returncode == 0 and "killed" not in third.stderr, third.stderr  # the entry was released

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from multifusion.core.lifeline import watch_parent
+from multifusion.core.exp_lock import hold_workspace
+from multifusion.core.lifeline import dvc_pid, watch_parent
 
 T = TypeVar("T")
 PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -62,9 +63,11 @@ def run_stage(name: str, main: Callable[[], T]) -> T:
 
     Under DVC (``DVC_STAGE`` set) the stage is first tied to the DVC process: it stops when
     that process dies (:func:`multifusion.core.lifeline.watch_parent`), so a rerun never
-    races an orphan."""
+    races an orphan; under a workspace ``dvc exp run`` a second one is refused before it
+    rewrites params.yaml (:func:`multifusion.core.exp_lock.hold_workspace`)."""
     if os.environ.get("DVC_STAGE"):
         watch_parent()
+        hold_workspace(dvc_pid())  # under a workspace `dvc exp run`: a second one is refused before it writes params
     try:
         return main()
     except Exception as err:  # noqa: BLE001 -- sorted below: user errors end cleanly, the rest re-raise

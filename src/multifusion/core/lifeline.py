@@ -103,6 +103,11 @@ def _tie_forked_child() -> None:
         os._exit(1)  # the forking process died between fork and prctl
 
 
+def dvc_pid() -> int:
+    """The pid of the process that started this one, past an intermediate shell (Linux)."""
+    return watched_chain(os.getppid())[-1][0]
+
+
 def watch_parent(interval: float = 1.0, sig: int = signal.SIGTERM) -> None:
     """Send ``sig`` to this process when its parent (or the parent of an intermediate shell)
     exits. Idempotent; safe to call from the main thread at start-up."""
