@@ -86,6 +86,7 @@ def save_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> No
     fd, name = tempfile.mkstemp(dir=checkpoint_dir, prefix=f".{TRAIN_STATE}.", suffix=".tmp")
     tmp = Path(name)
     try:
+        os.chmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 -> what a plain open() would give
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -94,6 +95,12 @@ def save_training_state(checkpoint_dir: str | Path, state: dict[str, Any]) -> No
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temps(checkpoint_dir: str | Path) -> None:
