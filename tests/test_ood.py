@@ -123,3 +123,17 @@ def test_abstention_reaches_the_target_on_a_constructed_case():
         assert right_test[~abstain].mean() >= target - 0.01
         assert right_test.mean() < target  # without abstaining the target is missed
     assert abstain_mask(conf_test, curve, 1.01).all()  # unreachable: abstain on everything
+
+
+def test_curve_files(tmp_path):
+    from multifusion.evaluation.selective import plot_curve_png, write_curve_csv
+
+    rng = np.random.default_rng(4)
+    conf = rng.uniform(0.3, 1.0, 200)
+    curve = risk_coverage(conf, rng.random(200) < conf)
+    write_curve_csv(tmp_path / "rc.csv", curve)
+    plot_curve_png(tmp_path / "rc.png", curve, [0.99, 0.95], "test")
+    lines = (tmp_path / "rc.csv").read_text().splitlines()
+    assert lines[0] == "coverage,risk,accuracy,threshold" and len(lines) == len(curve.coverage) + 1
+    assert float(lines[-1].split(",")[0]) == 1.0
+    assert (tmp_path / "rc.png").read_bytes()[:4] == b"\x89PNG"

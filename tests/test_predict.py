@@ -73,7 +73,8 @@ def test_folder_with_bad_files_gives_a_row_each(model_dir, folder, tmp_path):
     names = [str(Path(p).relative_to(folder)) for p in table["path"]]
     assert sorted(names) == sorted(GOOD + BAD)  # recursive, hidden file skipped
     assert list(table.columns) == [
-        "path", "status", "top1_class", "top1_prob", "top2_class", "top2_prob", "uncertain", "error",
+        "path", "status", "top1_class", "top1_prob", "top2_class", "top2_prob", "uncertain", "ood_score", "unknown",
+        "abstained", "error",
     ]
     by_name = table.set_index(pd.Index(names))
     for name in GOOD:

@@ -27,7 +27,7 @@ from multifusion.text.features import random_text_features
 
 CLASSES = ["Fibres", "Particles", "Powder"]
 S = 32
-ROW = re.compile(r'<tr class="[^"]*" data-i="(\d+)" data-status="(\w+)" data-cls="([^"]*)" data-conf="([^"]*)" data-uncertain="(\d)">')
+ROW = re.compile(r'<tr class="[^"]*" data-i="(\d+)" data-status="(\w+)" data-cls="([^"]*)" data-conf="([^"]*)" data-uncertain="(\d)"[^>]*>')
 
 
 @pytest.fixture

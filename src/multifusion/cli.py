@@ -115,6 +115,7 @@ def predict(
     report: str | None = typer.Option(None, "--report", help="Self-contained HTML page: every input with thumbnail, calibrated top-k, uncertain flag, explanation overlay; sortable, filterable, offline."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
+    target_accuracy: float | None = typer.Option(None, "--target-accuracy", help="Abstain (column `abstained`) where the model's val risk-coverage curve says a call would miss this accuracy, e.g. 0.99; rows stay in the CSV."),
 ) -> None:
     """Classify micrographs with a trained model; unreadable files are listed, never fatal.
 
@@ -135,13 +136,20 @@ def predict(
             contact_sheet=contact_sheet,
             contact_sheet_size=settings.contact_sheet,
             report=report,
+            target_accuracy=target_accuracy,
+            single_view_confidence=settings.single_view_confidence,
+            drift_p=settings.drift_p,
         )
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt:
         _interrupted("predict", since)
     uncertain = int((result.table["uncertain"] == True).sum())  # noqa: E712 (column mixes bools and "")
-    typer.echo(f"{out}: {result.n_read} classified ({uncertain} uncertain), {result.n_failed} unreadable")
+    unknown = int((result.table["unknown"] == True).sum())  # noqa: E712
+    abstained = int((result.table["abstained"] == True).sum())  # noqa: E712
+    typer.echo(f"{out}: {result.n_read} classified ({uncertain} uncertain, {unknown} unknown"
+               + (f", {abstained} abstained at accuracy {target_accuracy:g}" if target_accuracy is not None else "")
+               + f"), {result.n_failed} unreadable")
     if result.n_read == 0:
         typer.echo("error: no file could be read; see the error column of the CSV", err=True)
         raise typer.Exit(1)

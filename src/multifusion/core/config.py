@@ -208,6 +208,7 @@ class PredictConfig:
     uncertain_threshold: float
     contact_sheet: int
     single_view_confidence: float              # adaptive views: one view stands above this calibrated top-1 prob; 1 = always 8
+    drift_p: float                             # screening page: warn when the batch's unknown count has a binomial p below this
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,6 @@ class OodConfig:
     score: str                                 # the unknown-material score fitted at the end of train
     keep_rate: float                           # share of val (in-distribution) images the threshold keeps as known
     knn_k: int                                 # knn: the neighbour whose distance is the score
-    drift_p: float                             # batch summary: warn when the binomial p-value is below this
     target_accuracies: list[float]             # evaluate: coverage reported at each of these accuracies
 
 
@@ -393,7 +393,7 @@ RULES: dict[str, Check] = {
     "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
     "predict.contact_sheet": at_least(0), "predict.single_view_confidence": in_range(0.0, 1.0, low_open=True),
     "ood.score": one_of(OOD_SCORES), "ood.keep_rate": in_range(0.0, 1.0, low_open=True), "ood.knn_k": at_least(1),
-    "ood.drift_p": in_range(0.0, 1.0, True, True), "ood.target_accuracies": in_range(0.0, 1.0, True),
+    "predict.drift_p": in_range(0.0, 1.0, True, True), "ood.target_accuracies": in_range(0.0, 1.0, True),
     "robustness.seed": at_least(0), "robustness.batch_size": at_least(1),
     "robustness.gaussian_noise": at_least(0), "robustness.poisson_noise": POSITIVE,
     "robustness.defocus_blur": at_least(0), "robustness.contrast": at_least(0),

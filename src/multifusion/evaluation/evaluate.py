@@ -188,6 +188,21 @@ def evaluate_split(
     keys of :func:`classification_metrics` after temperature scaling, plus
     ``ece_uncalibrated``, ``nll``, ``nll_uncalibrated``, ``temperature`` and ``n``.
     """
+    metrics, table, labels, probs = evaluate_split_probs(model, prepared, split, temperature, batch_size, device, ece_bins, tta)
+    return metrics, table, labels, probs.argmax(axis=1)
+
+
+def evaluate_split_probs(
+    model: nn.Module,
+    prepared: Prepared,
+    split: str,
+    temperature: float,
+    batch_size: int,
+    device: str | torch.device,
+    ece_bins: int,
+    tta: bool = False,
+) -> tuple[dict[str, float], dict[str, dict[str, float]], np.ndarray, np.ndarray]:
+    """:func:`evaluate_split` with the calibrated probabilities (N, C) in place of the predictions."""
     indices = prepared.split_indices(split)
     if len(indices) == 0:
         raise ValueError(f"split '{split}' of the prepared data is empty; check data.split in params.yaml")
@@ -200,4 +215,4 @@ def evaluate_split(
     metrics["nll_uncalibrated"] = nll(logits, labels, 1.0)
     metrics["temperature"] = float(temperature)
     metrics["n"] = int(len(labels))
-    return metrics, per_class_table(probs, labels, prepared.classes), labels, probs.argmax(axis=1)
+    return metrics, per_class_table(probs, labels, prepared.classes), labels, probs

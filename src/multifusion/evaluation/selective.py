@@ -11,6 +11,8 @@ confidence.
     curve.coverage_at(0.99)                              # largest coverage with accuracy >= 0.99
     curve.threshold_for(0.99)                            # the confidence that keeps it (None: none does)
 
+``evaluate`` writes the test split's curve (``plots/evaluate/risk_coverage.csv``, a DVC
+plot, and ``.png``), its area and the coverage at each ``ood.target_accuracies``.
 ``train`` stores the val curve in the model card (``"selective"``); ``predict
 --target-accuracy a`` keeps the rows at or above the val curve's threshold for ``a`` and
 marks the rest ``abstained``.
@@ -18,10 +20,15 @@ marks the rest ``abstained``.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from multifusion.core.atomic import atomic_path, atomic_write
+from multifusion.core.plotting import pyplot
 
 
 @dataclass
@@ -105,3 +112,34 @@ def abstain_mask(confidence: np.ndarray, curve: RiskCoverage, target: float) -> 
     threshold = curve.threshold_for(target)
     confidence = np.asarray(confidence, dtype=np.float64)
     return np.ones(len(confidence), dtype=bool) if threshold is None else confidence < threshold
+
+
+def write_curve_csv(path: str | Path, curve: RiskCoverage) -> None:
+    """The curve as a DVC plot CSV (coverage, risk, accuracy, threshold), written atomically."""
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["coverage", "risk", "accuracy", "threshold"])
+        writer.writeheader()
+        writer.writerows(curve.rows())
+
+
+def plot_curve_png(path: str | Path, curve: RiskCoverage, targets: list[float], title: str) -> None:
+    """Selective risk against coverage, with each target accuracy's largest coverage marked (PNG, atomic)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.step(curve.coverage, curve.risk, where="post", color="C0", label="test split")
+    for i, target in enumerate(targets):
+        cov = curve.coverage_at(target)
+        ax.axhline(1 - target, color=f"C{i + 1}", ls=":", lw=1)
+        ax.plot([cov], [1 - target], "o", color=f"C{i + 1}", label=f"accuracy {target:g}: coverage {cov:.3f}")
+    ax.set_xlabel("coverage (share of images called)")
+    ax.set_ylabel("selective risk (error rate among the called)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(0.05, float(curve.risk.max()) * 1.1))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

@@ -11,8 +11,16 @@ info-bar crop, square, resize). Decoding runs on worker processes ahead of infer
 
 The CSV holds one row per input file, in input order: ``path, status`` (ok | error),
 ``top1_class, top1_prob, ... topK_class, topK_prob, uncertain`` (top-1 probability below
-the threshold) and ``error`` (why a file could not be read). A bad file never stops the
-batch. The model carries the class-description text features in its weights, so
+the threshold), ``ood_score`` and ``unknown`` (the unknown-material score saved with the model
+and whether it is above the model's threshold: unlike anything trained on; both empty for a
+model without a fitted score), ``abstained`` (with ``target_accuracy``: the top-1 probability is
+below what the model's val risk-coverage curve needs for that accuracy; the row stays, marked)
+and ``error`` (why a file could not be read). An unreadable file keeps its reason row and
+is never called ``unknown``. A bad file never stops the batch.
+
+Views (``single_view_confidence``, params ``predict.single_view_confidence``): the identity
+view first; the other seven of the 8-view average only where its calibrated top-1
+probability is not above that (:mod:`multifusion.inference.views`). The model carries the class-description text features in its weights, so
 screening needs no LLM and no network.
 """
 
@@ -37,7 +45,10 @@ from multifusion.inference.contact_sheet import SheetEntry, draw_contact_sheet
 from multifusion.data.decode import ImageError
 from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph
-from multifusion.evaluation.evaluate import predict_probs
+from multifusion.evaluation.evaluate import softmax
+from multifusion.evaluation.ood import UnknownScore, load_unknown
+from multifusion.evaluation.selective import RiskCoverage
+from multifusion.inference.views import screen_outputs
 from multifusion.model.card import LoadedModel, load_model
 from multifusion.model.card_v1 import PACKAGE_PARAMS
 from multifusion.inference.screening_report import ScreeningReport
@@ -153,11 +164,13 @@ def check_output_paths(outputs: dict, inputs: Sequence[str | Path], items: list[
     return files_to_read(items)
 
 
-def image_probs(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str) -> np.ndarray:
+def image_probs(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str, single_view_confidence: float = 1.0) -> np.ndarray:
     """uint8 images (B, S, S) -> calibrated class probabilities (B, C) under the model's
-    test-time policy (``evaluate.tta``: the 8-view average) and its temperature: the one
-    inference path of ``predict``, its report and ``explain``."""
-    return predict_probs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta)
+    test-time policy (``evaluate.tta``: the 8-view average; adaptive below
+    ``single_view_confidence`` < 1) and its temperature: the views of ``predict`` (which goes
+    through :func:`screen_images` for the unknown score too), its report and ``explain``."""
+    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, single_view_confidence)
+    return softmax(out.logits, loaded.temperature)
 
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -208,8 +221,13 @@ def decode_batches(
         yield batch
 
 
-def check_arguments(device: str, top_k: int, batch_size: int, uncertain_threshold: float) -> None:
+def check_arguments(device: str, top_k: int, batch_size: int, uncertain_threshold: float,
+                    target_accuracy: float | None = None, single_view_confidence: float = 1.0) -> None:
     """One-line errors for screening options that cannot work, before any file is read."""
+    if target_accuracy is not None and not 0.0 < target_accuracy <= 1.0:
+        raise ValueError(f"--target-accuracy must be an accuracy in (0, 1], e.g. 0.99; got {target_accuracy}")
+    if not 0.0 < single_view_confidence <= 1.0:
+        raise ValueError(f"predict.single_view_confidence must be in (0, 1] (1 = all eight views), got {single_view_confidence}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
     if top_k < 1 or batch_size < 1:
@@ -225,6 +243,47 @@ def ranked_row(path: Path, probs: np.ndarray, order: np.ndarray, classes: np.nda
         row[f"top{r}_class"] = classes[c]
         row[f"top{r}_prob"] = round(float(probs[c]), 6)
     return row | {"uncertain": bool(probs[order[0]] < uncertain_threshold), "error": ""}
+
+
+@dataclass
+class Screening:
+    """What a predict run adds to each call beyond the classes: the model's unknown score and
+    the abstention threshold for ``--target-accuracy`` (None where not asked for / not fitted)."""
+
+    unknown: UnknownScore | None
+    abstain_below: float | None = None     # abstain where the top-1 probability is below this (inf: on every row)
+    single_view_confidence: float = 1.0
+
+    def columns(self, probs: np.ndarray, logits: np.ndarray, features: np.ndarray) -> list[dict]:
+        """probs (B, C), logits (B, C), features (B, D) -> per image {ood_score, unknown, abstained}."""
+        scores = None if self.unknown is None else self.unknown(logits, features)  # (B,)
+        top1 = probs.max(axis=1)  # (B,)
+        return [{
+            "ood_score": "" if scores is None else round(float(scores[j]), 6),
+            "unknown": "" if scores is None else bool(scores[j] > self.unknown.threshold),
+            "abstained": self.abstain_below is not None and bool(top1[j] < self.abstain_below),
+        } for j in range(len(probs))]
+
+
+def screening_for(model_dir: str | Path, loaded: LoadedModel, target_accuracy: float | None, single_view_confidence: float) -> Screening:
+    """The run's :class:`Screening` from the model card's ``"unknown"`` entry (and its tensors file)."""
+    unknown = load_unknown(model_dir, loaded.unknown)
+    abstain_below = None
+    if target_accuracy is not None:
+        curve = (loaded.unknown or {}).get("selective")
+        if curve is None:
+            raise ValueError(f"{Path(model_dir) / 'config.json'}: no val risk-coverage curve (the model was trained before "
+                             "selective prediction); retrain it (`dvc repro train`) to use --target-accuracy")
+        threshold = RiskCoverage.from_record(curve).threshold_for(target_accuracy)
+        abstain_below = float("inf") if threshold is None else threshold
+    return Screening(unknown, abstain_below, single_view_confidence)
+
+
+def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str, screening: Screening) -> tuple[np.ndarray, list[dict]]:
+    """uint8 images (B, S, S) -> (calibrated probabilities (B, C), per image {ood_score, unknown, abstained})."""
+    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.single_view_confidence)
+    probs = softmax(out.logits, loaded.temperature)  # (B, C)
+    return probs, screening.columns(probs, out.logits, out.features)
 
 
 class LeastCertain:
@@ -259,37 +318,45 @@ def predict_paths(
     report: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
+    target_accuracy: float | None = None,
+    single_view_confidence: float = 1.0,
+    drift_p: float | None = None,
 ) -> PredictionResult:
     """Classify every micrograph named by ``inputs``; write the CSV (and contact sheet).
 
     ``workers``: decoding processes (None or 0 = all cores).
     ``report``: also write the screening page (HTML with explanation overlays) there.
+    ``target_accuracy``: mark ``abstained`` the rows the val curve says to withhold for it.
+    ``single_view_confidence``: adaptive views (1.0: all eight on every image).
+    ``drift_p``: the screening page's drift warning level (None: no test).
     """
-    check_arguments(device, top_k, batch_size, uncertain_threshold)
+    check_arguments(device, top_k, batch_size, uncertain_threshold, target_accuracy, single_view_confidence)
     items = expand_inputs(inputs)
     outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE), "--report": (report, HTML_RULE)}
     check_output_paths(outputs, inputs, items, model_dir)  # before any inference
     loaded = load_model(model_dir, device=device)
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
-    page = None if report is None else ScreeningReport(report, model_dir, loaded, uncertain_threshold, k)
+    screening = screening_for(model_dir, loaded, target_accuracy, single_view_confidence)
+    page = None if report is None else ScreeningReport(report, model_dir, loaded, uncertain_threshold, k, drift_p=drift_p)
     rows: list[dict] = []
     least_certain = LeastCertain(contact_sheet_size)
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
     for batch in decode_batches(items, loaded.input, batch_size, 0 if workers is None else workers):
         good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
-        probs = np.zeros((0, len(classes)))
+        probs, extra = np.zeros((0, len(classes))), []
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            probs = image_probs(loaded, images, batch_size, device)  # (B, C)
-        prob_of = dict(zip(good, probs))
+            probs, extra = screen_images(loaded, images, batch_size, device, screening)  # (B, C), B dicts
+        prob_of, extra_of = dict(zip(good, probs)), dict(zip(good, extra))
         for i, (path, image, reason) in enumerate(batch):
-            if image is None:  # class/prob columns stay empty
-                rows.append({"path": str(path), "status": "error", "uncertain": "", "error": reason})
+            if image is None:  # class/prob columns stay empty; an unreadable file is never `unknown`
+                rows.append({"path": str(path), "status": "error", "uncertain": "", "ood_score": "", "unknown": "",
+                             "abstained": "", "error": reason})
                 continue
             p = prob_of[i]  # (C,)
             order = np.argsort(-p, kind="stable")[:k]  # (k,)
-            rows.append(ranked_row(path, p, order, classes, uncertain_threshold))
+            rows.append(ranked_row(path, p, order, classes, uncertain_threshold) | extra_of[i])
             least_certain.add(len(rows), SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order]))
         if page is not None:
             page.add_batch(batch, good, rows[-len(batch):], probs, device)
@@ -314,7 +381,7 @@ def write_outputs(rows: list[dict], k: int, least_certain: list[SheetEntry], out
 
 def _columns(k: int) -> list[str]:
     ranked = [f"top{r}_{what}" for r in range(1, k + 1) for what in ("class", "prob")]
-    return ["path", "status", *ranked, "uncertain", "error"]
+    return ["path", "status", *ranked, "uncertain", "ood_score", "unknown", "abstained", "error"]
 
 
 def predict_settings(model_dir: str | Path, params: str | Path | None) -> PredictConfig:

@@ -6,11 +6,15 @@
 
 One table row per input, in input order: the image as the model saw it, the explanation
 overlay (:mod:`multifusion.inference.explain`: where the call came from), the file, the top-k classes
-with calibrated probabilities (the CSV's values), the uncertain flag, the descriptions
-the image attended to most, and for an unreadable file its reason. Images are inlined as
+with calibrated probabilities (the CSV's values), the uncertain / unknown / abstained flags
+with the unknown-material score, the descriptions the image attended to most, and for an
+unreadable file its reason (never flagged unknown). Above the table, the batch summary:
+how many images the unknown score flags against the fraction the model's val split
+predicts, with a drift warning when a one-sided binomial test puts the batch's count
+below ``drift_p`` (:func:`multifusion.evaluation.ood.drift_test`). Images are inlined as
 base64 PNG; a small inline script sorts (input order, most or least certain first) and
-filters (class, uncertain only). No network: no CDN, no external file. The state is in
-the URL (``?sort=confidence&order=asc&class=Particles&uncertain=1``) so a view can be
+filters (class, uncertain only, unknown only). No network: no CDN, no external file. The state is in
+the URL (``?sort=confidence&order=asc&class=Particles&uncertain=1&unknown=1``) so a view can be
 bookmarked. Rows are streamed to a temporary file, so memory does not grow with the
 number of images.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from multifusion.core.atomic import atomic_write
+from multifusion.evaluation.ood import Drift, drift_test
 from multifusion.inference.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
 from multifusion.model.card import LoadedModel
 
@@ -46,6 +51,12 @@ img.ov{width:128px;height:128px;display:block}
 .bar{height:6px;background:#3b6fb6;margin-top:3px}
 .uncertain td{background:#fff6e0}
 .flag{color:#b36b00;font-weight:600}
+.unknown td{background:#efe6fb}
+.unk{color:#6a2fb3;font-weight:600}
+.abst{color:#555;font-weight:600}
+.score{font-size:12px;color:#444}
+.summary{margin:.4em 0}
+.drift{background:#fde8e8;border:1px solid #d33;padding:.5em .8em;margin:.5em 0;font-weight:600}
 .error td{background:#fde8e8}
 .others,.attn{font-size:12px;color:#444;margin:0;padding-left:1.1em}
 .path{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all;max-width:26em}
@@ -54,10 +65,10 @@ img.ov{width:128px;height:128px;display:block}
 SCRIPT = r"""
 (function(){
   var body=document.querySelector('#rows'), rows=Array.prototype.slice.call(body.rows);
-  var sortSel=document.getElementById('sort'), clsSel=document.getElementById('cls'), unc=document.getElementById('unc');
+  var sortSel=document.getElementById('sort'), clsSel=document.getElementById('cls'), unc=document.getElementById('unc'), unk=document.getElementById('unk');
   function conf(r){return r.dataset.status==='ok'?parseFloat(r.dataset.conf):null;}
   function apply(){
-    var mode=sortSel.value, want=clsSel.value, onlyUnc=unc.checked;
+    var mode=sortSel.value, want=clsSel.value, onlyUnc=unc.checked, onlyUnk=unk.checked;
     var order=rows.slice();
     if(mode!=='input'){
       var sign=mode==='asc'?1:-1;
@@ -69,21 +80,21 @@ SCRIPT = r"""
     }
     var shown=0;
     order.forEach(function(r){
-      var ok=(want===''||(want==='(unreadable)'?r.dataset.status==='error':r.dataset.cls===want))&&(!onlyUnc||r.dataset.uncertain==='1');
+      var ok=(want===''||(want==='(unreadable)'?r.dataset.status==='error':r.dataset.cls===want))&&(!onlyUnc||r.dataset.uncertain==='1')&&(!onlyUnk||r.dataset.unknown==='1');
       r.hidden=!ok; if(ok){shown++;} body.appendChild(r);
     });
     document.getElementById('shown').textContent=shown;
     var q=new URLSearchParams();
     if(mode!=='input'){q.set('sort','confidence');q.set('order',mode);}
-    if(want!==''){q.set('class',want);} if(onlyUnc){q.set('uncertain','1');}
+    if(want!==''){q.set('class',want);} if(onlyUnc){q.set('uncertain','1');} if(onlyUnk){q.set('unknown','1');}
     try{history.replaceState(null,'',location.pathname+(q.toString()?'?'+q:''));}catch(e){}
     document.body.dataset.order=order.filter(function(r){return !r.hidden;}).map(function(r){return r.dataset.i;}).join(',');
   }
   var q=new URLSearchParams(location.search);
   if(q.get('sort')==='confidence'){sortSel.value=q.get('order')==='asc'?'asc':'desc';}
   if(q.get('class')!==null){clsSel.value=q.get('class');}
-  unc.checked=q.get('uncertain')==='1';
-  sortSel.onchange=clsSel.onchange=unc.onchange=apply;
+  unc.checked=q.get('uncertain')==='1'; unk.checked=q.get('unknown')==='1';
+  sortSel.onchange=clsSel.onchange=unc.onchange=unk.onchange=apply;
   document.getElementById('least').onclick=function(){sortSel.value='asc';apply();};
   apply();
   function decoded(){
@@ -103,7 +114,8 @@ def _img(png: bytes, css: str, alt: str) -> str:
 class ScreeningReport:
     """Collects the rows of one predict run and writes the page on :meth:`close`."""
 
-    def __init__(self, path: str | Path, model_dir: str | Path, loaded: LoadedModel, uncertain_threshold: float, top_k: int) -> None:
+    def __init__(self, path: str | Path, model_dir: str | Path, loaded: LoadedModel, uncertain_threshold: float, top_k: int,
+                 drift_p: float | None = None) -> None:
         self.path = Path(path)
         self.model_dir = Path(model_dir)
         self.explainer = Explainer(loaded.model)
@@ -111,7 +123,9 @@ class ScreeningReport:
         self.threshold = uncertain_threshold
         self.top_k = top_k
         self.text = saved_text_record(model_dir)
-        self.counts = {"inputs": 0, "ok": 0, "uncertain": 0, "error": 0}
+        self.counts = {"inputs": 0, "ok": 0, "uncertain": 0, "error": 0, "unknown": 0, "abstained": 0}
+        self.unknown = loaded.unknown  # the card's unknown-score entry (None: the model has no fitted score)
+        self.drift_p = drift_p
         self.method = ""
         self._rows = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
 
@@ -132,27 +146,36 @@ class ScreeningReport:
             self.counts["inputs"] += 1
             self.counts["ok" if row["status"] == "ok" else "error"] += 1
             self.counts["uncertain"] += int(row.get("uncertain") is True)
+            self.counts["unknown"] += int(row.get("unknown") is True)
+            self.counts["abstained"] += int(row.get("abstained") is True)
 
     def _row_html(self, index: int, path: Path, image: np.ndarray | None, row: dict, explained) -> str:
         name = html.escape(str(path))
         link = f'<a class="path" href="{html.escape(Path(path).resolve().as_uri())}">{name}</a>'
         if row["status"] != "ok":
-            return (f'<tr class="error" data-i="{index}" data-status="error" data-cls="" data-conf="" data-uncertain="0">'
+            return (f'<tr class="error" data-i="{index}" data-status="error" data-cls="" data-conf="" data-uncertain="0" '
+                    f'data-unknown="0" data-abstained="0">'
                     f'<td>{index + 1}</td><td></td><td></td><td>{link}</td>'
-                    f'<td colspan="4"><b>unreadable:</b> {html.escape(str(row.get("error", "")))}</td></tr>\n')
+                    f'<td colspan="5"><b>unreadable:</b> {html.escape(str(row.get("error", "")))}</td></tr>\n')
         ranked = [(row[f"top{r}_class"], row[f"top{r}_prob"]) for r in range(1, self.top_k + 1) if f"top{r}_class" in row]
         (top1, p1), others = ranked[0], ranked[1:]
         heat, attended = explained
-        uncertain = row["uncertain"] is True
+        uncertain, unknown, abstained = row["uncertain"] is True, row.get("unknown") is True, row.get("abstained") is True
+        flags = " ".join(flag for on, flag in ((uncertain, "<span class=flag>uncertain</span>"),
+                                                (unknown, "<span class=unk>unknown</span>"),
+                                                (abstained, "<span class=abst>abstained</span>")) if on)
+        score = row.get("ood_score", "")
+        score_cell = "" if score == "" else f'<span class="score">{float(score):.4g}</span>'
         other = "".join(f"<li>{html.escape(str(c))} {p:.3f}</li>" for c, p in others)
         attn = "".join(f"<li>{html.escape(c)} &middot; {html.escape(t)} {w:.2f}</li>" for c, t, w in attended)
         return (
-            f'<tr class="{"uncertain" if uncertain else "ok"}" data-i="{index}" data-status="ok" '
-            f'data-cls="{html.escape(str(top1))}" data-conf="{p1:.6f}" data-uncertain="{int(uncertain)}">'
+            f'<tr class="{"unknown" if unknown else "uncertain" if uncertain else "ok"}" data-i="{index}" data-status="ok" '
+            f'data-cls="{html.escape(str(top1))}" data-conf="{p1:.6f}" data-uncertain="{int(uncertain)}" '
+            f'data-unknown="{int(unknown)}" data-abstained="{int(abstained)}">'
             f'<td>{index + 1}</td><td>{_img(png_bytes(image), "px", "micrograph")}</td>'
             f'<td>{_img(png_bytes(overlay(image, heat)), "ov", "explanation overlay")}</td><td>{link}</td>'
             f'<td><div class="call">{html.escape(str(top1))}</div>{p1:.3f}<div class="bar" style="width:{100 * p1:.0f}px"></div></td>'
-            f'<td><ul class="others">{other}</ul></td><td>{"<span class=flag>uncertain</span>" if uncertain else ""}</td>'
+            f'<td><ul class="others">{other}</ul></td><td>{flags}</td><td>{score_cell}</td>'
             f'<td><ul class="attn">{attn}</ul></td></tr>\n'
         )
 
@@ -169,14 +192,41 @@ class ScreeningReport:
             f'{c["ok"]} classified, <span class="flag">{c["uncertain"]} uncertain</span> (top-1 probability below '
             f'{self.threshold:g}), {c["error"]} unreadable. Probabilities are calibrated (temperature scaling). '
             f"Overlay: where the call came from ({where}); attended: {attended}.</div>\n"
+            + self._summary() +
             '<div class="controls"><label>sort <select id="sort"><option value="input">input order</option>'
             '<option value="desc">most certain first</option><option value="asc">least certain first</option></select></label>'
             '<button id="least" type="button">least certain first</button>'
             f'<label>class <select id="cls"><option value="">all</option>{options}<option value="(unreadable)">(unreadable)</option></select></label>'
-            '<label><input type="checkbox" id="unc"> uncertain only</label><span><span id="shown"></span> shown</span></div>\n'
+            '<label><input type="checkbox" id="unc"> uncertain only</label>'
+            '<label><input type="checkbox" id="unk"> unknown only</label><span><span id="shown"></span> shown</span></div>\n'
             "<table><thead><tr><th>#</th><th>image</th><th>where</th><th>file</th><th>call</th>"
-            f"<th>next classes</th><th>flag</th><th>descriptions attended</th></tr></thead><tbody id=\"rows\">\n"
+            f"<th>next classes</th><th>flag</th><th>unknown score</th><th>descriptions attended</th></tr></thead><tbody id=\"rows\">\n"
         )
+
+    def drift(self) -> Drift | None:
+        """The batch's unknown count tested against the val fraction (None: no score or no test)."""
+        if self.unknown is None or self.drift_p is None:
+            return None
+        return drift_test(self.counts["ok"], self.counts["unknown"], float(self.unknown["val_unknown_fraction"]),
+                          int(self.unknown.get("n_val", 0)), self.drift_p)
+
+    def _summary(self) -> str:
+        """The batch summary above the table: unknown and abstained counts, and the drift warning."""
+        c, u = self.counts, self.unknown
+        if u is None:
+            return '<div class="summary">No unknown-material score: this model was saved without one (retrain to fit it).</div>\n'
+        share = c["unknown"] / c["ok"] if c["ok"] else 0.0
+        text = (f'<div class="summary" id="batch-summary"><span class="unk">{c["unknown"]} of {c["ok"]} unknown</span> '
+                f'({share:.1%}): unlike the training micrographs by the {html.escape(str(u["score"]))} score '
+                f'(above {float(u["threshold"]):.4g}, the threshold that keeps {float(u["keep_rate"]):.0%} of the val split; '
+                f'on val it flags {float(u["val_unknown_fraction"]):.1%}). {c["abstained"]} abstained.</div>\n')
+        drift = self.drift()
+        if drift is not None and drift.alarm:
+            text += (f'<div class="drift" id="drift">Drift warning: {drift.unknown} of {drift.n} images are unknown '
+                     f'({drift.fraction:.1%}) where val predicts {drift.expected_fraction:.1%}; binomial p = {drift.p_value:.2g} '
+                     f'&lt; {self.drift_p:g}. This batch looks unlike the training set: check the instrument, magnification '
+                     f'and material before trusting its calls.</div>\n')
+        return text
 
     def close(self) -> Path:
         """Write the page (head, the streamed rows, the script) to ``path``; returns it."""

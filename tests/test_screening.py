@@ -1,0 +1,145 @@
+"""`multifusion predict` with the screening columns: ``ood_score`` / ``unknown`` from the
+model's fitted score (bad input never unknown), ``--target-accuracy`` abstention from the val
+curve (rows kept, marked), adaptive views, and the report's unknown filter and drift warning
+(headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from headless import body_attrs, browse
+from test_predict import BAD, CLASSES, GOOD, TEMPERATURE, folder  # noqa: F401 -- the shared folder of good and bad files
+
+from multifusion.evaluation.evaluate import predict_logits
+from multifusion.evaluation.ood import fit_unknown, knn_score, save_unknown_tensors
+from multifusion.evaluation.selective import risk_coverage
+from multifusion.inference.predict import predict_paths, read_one
+from multifusion.inference.views import screen_outputs
+from multifusion.model import build_model
+from multifusion.model.card import load_model, save_model
+
+
+@pytest.fixture
+def scored_model(tmp_path, make_config) -> Path:
+    """A small MultiFusion saved with a kNN unknown score (bank: random images) and a val curve."""
+    cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "hnf.stem_width": 32, "hnf.stem_depth": 2, "data.image_size": 32, "fusion.text": False})
+    torch.manual_seed(0)
+    model = build_model(cfg, CLASSES, None).eval()
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 255, (24, 32, 32), dtype=np.uint8), rng.integers(0, 255, (12, 32, 32), dtype=np.uint8)
+    tr = screen_outputs(model, train, 8, "cpu", TEMPERATURE, tta=False)
+    va = screen_outputs(model, val, 8, "cpu", TEMPERATURE, tta=True)
+    fitted = fit_unknown("knn", 0.9, torch.from_numpy(tr.features), torch.from_numpy(rng.integers(0, 3, 24)), 3,
+                         torch.from_numpy(va.logits), torch.from_numpy(va.features), TEMPERATURE, knn_k=3)
+    out = tmp_path / "model"
+    out.mkdir()
+    entry = save_unknown_tensors(out, fitted)
+    save_model(out, model, cfg, CLASSES, None, TEMPERATURE, "hnf", unknown=entry)
+    return out
+
+
+def set_entry(model_dir: Path, **changes) -> None:
+    card_path = model_dir / "config.json"
+    card = json.loads(card_path.read_text())
+    card["unknown"] |= changes
+    card_path.write_text(json.dumps(card))
+
+
+def run(model_dir: Path, inputs, out: Path, **kw) -> pd.DataFrame:
+    options = dict(top_k=2, uncertain_threshold=0.5, batch_size=2, progress=False) | kw
+    predict_paths(model_dir, inputs, out, **options)
+    return pd.read_csv(out, dtype=str, keep_default_na=False)
+
+
+def test_ood_score_is_the_knn_distance_and_unknown_its_threshold(scored_model, folder, tmp_path):  # noqa: F811
+    table = run(scored_model, [folder], tmp_path / "p.csv")
+    assert list(table.columns[-5:]) == ["uncertain", "ood_score", "unknown", "abstained", "error"]
+    ok, bad = table[table["status"] == "ok"], table[table["status"] == "error"]
+    assert len(ok) == len(GOOD) and len(bad) == len(BAD)
+    assert (bad["unknown"] == "").all() and (bad["ood_score"] == "").all() and (bad["error"] != "").all()  # never `unknown`
+    # the reference: the same preprocessing, the identity view's features, the bank in the tensors file
+    loaded = load_model(scored_model)
+    images = np.stack([read_one(Path(p), loaded.input)[0] for p in ok["path"]])
+    feats = screen_outputs(loaded.model, images, 2, "cpu", TEMPERATURE, tta=False).features
+    from safetensors.torch import load_file
+
+    bank = load_file(str(scored_model / "unknown.safetensors"))["bank"]
+    expected = knn_score(torch.from_numpy(feats), bank, 3).numpy()
+    np.testing.assert_allclose(ok["ood_score"].astype(float), expected, rtol=1e-5, atol=1e-6)
+    # the threshold between the scores: the rows above it, and only those, are unknown
+    threshold = float(np.median(expected))
+    set_entry(scored_model, threshold=threshold)
+    table = run(scored_model, [folder], tmp_path / "p2.csv")
+    ok = table[table["status"] == "ok"]
+    assert list(ok["unknown"] == "True") == list(ok["ood_score"].astype(float) > threshold)
+    assert 0 < (ok["unknown"] == "True").sum() < len(ok)
+    assert (table.loc[table["status"] == "error", "unknown"] == "").all()
+
+
+def test_target_accuracy_abstains_below_the_val_curve_and_keeps_every_row(scored_model, folder, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="no val risk-coverage curve"):
+        run(scored_model, [folder], tmp_path / "p.csv", target_accuracy=0.99)
+    plain = run(scored_model, [folder], tmp_path / "p0.csv")
+    probs = np.sort(plain.loc[plain["status"] == "ok", "top1_prob"].astype(float).to_numpy())
+    cut = float((probs[0] + probs[-1]) / 2) if probs[0] < probs[-1] else float(probs[0])
+    # a val curve: right on every image at or above `cut`, wrong on half below it
+    conf = np.r_[np.full(50, cut), np.full(10, cut / 2)]
+    curve = risk_coverage(conf, np.r_[np.ones(50, bool), np.arange(10) % 2 == 0])
+    set_entry(scored_model, selective=curve.record())
+    table = run(scored_model, [folder], tmp_path / "p.csv", target_accuracy=0.99)
+    assert len(table) == len(GOOD) + len(BAD)  # abstained rows stay
+    ok = table[table["status"] == "ok"]
+    assert list(ok["abstained"] == "True") == list(ok["top1_prob"].astype(float) < cut)
+    assert (table.loc[table["status"] == "error", "abstained"] == "").all()
+    set_entry(scored_model, selective=risk_coverage(conf, np.zeros(60, bool)).record())  # val never right: abstain on all
+    everything = run(scored_model, [folder], tmp_path / "p1.csv", target_accuracy=0.5)
+    assert (everything.loc[everything["status"] == "ok", "abstained"] == "True").all()
+    with pytest.raises(ValueError, match="--target-accuracy"):
+        run(scored_model, [folder], tmp_path / "p.csv", target_accuracy=1.5)
+
+
+def test_adaptive_views_use_one_view_where_certain(scored_model):
+    loaded = load_model(scored_model)
+    images = np.random.default_rng(1).integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    full = predict_logits(loaded.model, images, 3, "cpu", tta=True)
+    one = predict_logits(loaded.model, images, 3, "cpu", tta=False)
+    np.testing.assert_allclose(screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, 1.0).logits, full, rtol=1e-5, atol=1e-6)
+    top1 = torch.softmax(torch.from_numpy(one) / TEMPERATURE, 1).max(1).values.numpy()
+    cut = float(np.median(top1))
+    out = screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, cut)
+    certain = top1 > cut
+    assert list(out.views) == [1 if c else 8 for c in certain]
+    np.testing.assert_allclose(out.logits[certain], one[certain], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logits[~certain], full[~certain], rtol=1e-5, atol=1e-6)
+
+
+ROW = re.compile(r'<tr class="([^"]*)" data-i="(\d+)" data-status="(\w+)"[^>]*data-unknown="(\d)"')
+
+
+def test_report_shows_filters_unknown_rows_and_warns_of_drift(scored_model, folder, tmp_path):  # noqa: F811
+    plain = run(scored_model, [folder], tmp_path / "p0.csv")
+    scores = np.sort(plain.loc[plain["status"] == "ok", "ood_score"].astype(float).to_numpy())
+    set_entry(scored_model, threshold=float(scores[0] + scores[1]) / 2, val_unknown_fraction=0.0, n_val=1000)  # 2 of 3 unknown
+    report = tmp_path / "report.html"
+    table = run(scored_model, [folder], tmp_path / "p.csv", report=report, drift_p=0.01)
+    unknown_rows = [str(i) for i in table.index[table["unknown"] == "True"]]
+    assert len(unknown_rows) == 2
+    page = report.read_text()
+    rows = ROW.findall(page)
+    assert [u for *_, u in rows] == ["1" if x == "True" else "0" for x in table["unknown"]]
+    assert all(cls == "unknown" for cls, _, _, u in rows if u == "1")
+    assert "2 of 3 unknown" in page and 'id="drift"' in page  # 2 of 3 where val predicts ~0: binomial p ~ 3e-6
+    dom = browse(report, "?unknown=1", tmp_path, "--dump-dom")
+    assert body_attrs(dom)["order"] == ",".join(unknown_rows)  # only the unknown rows shown
+    assert 'id="drift"' in dom
+    # a batch as unknown as val predicts: no warning
+    set_entry(scored_model, val_unknown_fraction=0.6)
+    run(scored_model, [folder], tmp_path / "p2.csv", report=tmp_path / "calm.html", drift_p=0.01)
+    calm = (tmp_path / "calm.html").read_text()
+    assert "2 of 3 unknown" in calm and 'id="drift"' not in calm
