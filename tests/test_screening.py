@@ -143,3 +143,24 @@ def test_report_shows_filters_unknown_rows_and_warns_of_drift(scored_model, fold
     run(scored_model, [folder], tmp_path / "p2.csv", report=tmp_path / "calm.html", drift_p=0.01)
     calm = (tmp_path / "calm.html").read_text()
     assert "2 of 3 unknown" in calm and 'id="drift"' not in calm
+
+
+def test_margin_terms_sum_to_the_logit_margin_and_flatness(make_config):
+    from multifusion.inference.call_terms import attention_flatness, margin_terms
+    from multifusion.text.features import random_text_features
+
+    cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": 32, "fusion.text": True, "fusion.mode": "mha"})
+    torch.manual_seed(0)
+    text = random_text_features(CLASSES, ["morphology", "distinguish"], length=4, dim=cfg.text.hidden)
+    model = build_model(cfg, CLASSES, text).eval()
+    images = np.random.default_rng(2).integers(0, 255, (5, 32, 32), dtype=np.uint8)
+    logits = predict_logits(model, images, 5, "cpu")  # (5, 3)
+    calls = logits.argmax(1)
+    parts = margin_terms(model, images, calls, "cpu")
+    runner = np.argsort(-logits, 1)[:, 1]
+    assert list(parts.runner_up) == list(runner)
+    np.testing.assert_allclose(parts.margin, logits[np.arange(5), calls] - logits[np.arange(5), runner], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts.terms.sum(1), parts.margin, rtol=1e-5, atol=1e-6)
+    assert margin_terms(build_model(make_config({"hnf.layers": 1, "hnf.dim": 16, "data.image_size": 32, "fusion.text": False}),
+                                    CLASSES, None), images, calls) is None
+    np.testing.assert_allclose(attention_flatness(np.array([[0.25] * 4, [1.0, 0, 0, 0]])), [1.0, 0.0], atol=1e-9)

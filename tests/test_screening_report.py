@@ -68,7 +68,8 @@ def test_report_rows_match_the_csv_and_images_are_inline(screened):
         with Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) as im:
             assert im.format == "PNG" and im.size == (S, S)
     assert not re.search(r"<link|<script[^>]+src=|https?://", page)  # nothing to fetch
-    assert "morphology" in page or "distinguish" in page  # attended descriptions named
+    assert "morphology" in page or "distinguish" in page or "attention flat" in page  # attended descriptions named, or why not
+    assert "over" in page and "descriptions +" in page or "descriptions -" in page  # what the call used: the margin's terms
 
 
 def test_report_in_headless_chromium_offline_loads_sorts_filters(screened, tmp_path):

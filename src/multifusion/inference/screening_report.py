@@ -7,8 +7,10 @@
 One table row per input, in input order: the image as the model saw it, the explanation
 overlay (:mod:`multifusion.inference.explain`: where the call came from), the file, the top-k classes
 with calibrated probabilities (the CSV's values), the uncertain / unknown / abstained flags
-with the unknown-material score, the descriptions the image attended to most, and for an
-unreadable file its reason (never flagged unknown). Above the table, the batch summary:
+with the unknown-material score, what the call used (its logit margin over the runner-up
+split into the head's visual, description-match and prototype terms:
+:mod:`multifusion.inference.call_terms`; the most attended descriptions only where that
+attention is not flat), and for an unreadable file its reason (never flagged unknown). Above the table, the batch summary:
 how many images the unknown score flags against the fraction the model's val split
 predicts, with a drift warning when a one-sided binomial test puts the batch's count
 below ``drift_p`` (:func:`multifusion.evaluation.ood.drift_test`). Images are inlined as
@@ -32,6 +34,7 @@ import numpy as np
 
 from multifusion.core.atomic import atomic_write
 from multifusion.evaluation.ood import Drift, drift_test
+from multifusion.inference.call_terms import FLAT, TERMS, attention_flatness, margin_terms
 from multifusion.inference.explain import Explainer, overlay, png_bytes, saved_text_record, top_descriptions
 from multifusion.model.card import LoadedModel
 
@@ -59,6 +62,8 @@ img.ov{width:128px;height:128px;display:block}
 .drift{background:#fde8e8;border:1px solid #d33;padding:.5em .8em;margin:.5em 0;font-weight:600}
 .error td{background:#fde8e8}
 .others,.attn{font-size:12px;color:#444;margin:0;padding-left:1.1em}
+.used{font-size:12px;color:#222}
+.flat{font-size:12px;color:#777}
 .path{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all;max-width:26em}
 """
 
@@ -123,7 +128,7 @@ class ScreeningReport:
         self.threshold = uncertain_threshold
         self.top_k = top_k
         self.text = saved_text_record(model_dir)
-        self.counts = {"inputs": 0, "ok": 0, "uncertain": 0, "error": 0, "unknown": 0, "abstained": 0}
+        self.counts = {"inputs": 0, "ok": 0, "uncertain": 0, "error": 0, "unknown": 0, "abstained": 0, "flat": 0}
         self.unknown = loaded.unknown  # the card's unknown-score entry (None: the model has no fitted score)
         self.drift_p = drift_p
         self.method = ""
@@ -136,11 +141,17 @@ class ScreeningReport:
         explained = {}
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            maps = self.explainer.explain(images, probs.argmax(axis=1), device)
+            calls = probs.argmax(axis=1)  # (B,)
+            maps = self.explainer.explain(images, calls, device)
+            parts = margin_terms(self.explainer.model, images, calls, device)  # None without the cross-modal head
+            flatness = None if maps.attention is None else attention_flatness(maps.attention)  # (B,)
             self.method = maps.method
             for j, i in enumerate(good):
                 attention = None if maps.attention is None else maps.attention[j]
-                explained[i] = (maps.heat[j], top_descriptions(attention, self.text, ATTENDED))
+                used = None if parts is None else (self.classes[parts.runner_up[j]], parts.margin[j], parts.terms[j])
+                flat = None if flatness is None else float(flatness[j])
+                self.counts["flat"] += int(flat is not None and flat >= FLAT)
+                explained[i] = (maps.heat[j], top_descriptions(attention, self.text, ATTENDED), used, flat)
         for i, ((path, image, _), row) in enumerate(zip(batch, csv_rows)):
             self._rows.write(self._row_html(self.counts["inputs"], path, image, row, explained.get(i)))
             self.counts["inputs"] += 1
@@ -159,7 +170,7 @@ class ScreeningReport:
                     f'<td colspan="5"><b>unreadable:</b> {html.escape(str(row.get("error", "")))}</td></tr>\n')
         ranked = [(row[f"top{r}_class"], row[f"top{r}_prob"]) for r in range(1, self.top_k + 1) if f"top{r}_class" in row]
         (top1, p1), others = ranked[0], ranked[1:]
-        heat, attended = explained
+        heat, attended, used, flat = explained
         uncertain, unknown, abstained = row["uncertain"] is True, row.get("unknown") is True, row.get("abstained") is True
         flags = " ".join(flag for on, flag in ((uncertain, "<span class=flag>uncertain</span>"),
                                                 (unknown, "<span class=unk>unknown</span>"),
@@ -168,6 +179,12 @@ class ScreeningReport:
         score_cell = "" if score == "" else f'<span class="score">{float(score):.4g}</span>'
         other = "".join(f"<li>{html.escape(str(c))} {p:.3f}</li>" for c, p in others)
         attn = "".join(f"<li>{html.escape(c)} &middot; {html.escape(t)} {w:.2f}</li>" for c, t, w in attended)
+        if flat is not None and flat >= FLAT:  # near-uniform weights: a list would name descriptions the call did not use
+            attn = ""
+        parts = "" if used is None else (
+            f'<div class="used">margin {used[1]:.2f} over {html.escape(str(used[0]))}: '
+            + ", ".join(f"{name} {value:+.2f}" for name, value in zip(TERMS, used[2])) + "</div>")
+        note = "" if flat is None or flat < FLAT else f'<span class="flat">attention flat ({flat:.2f} of max entropy): not listed</span>'
         return (
             f'<tr class="{"unknown" if unknown else "uncertain" if uncertain else "ok"}" data-i="{index}" data-status="ok" '
             f'data-cls="{html.escape(str(top1))}" data-conf="{p1:.6f}" data-uncertain="{int(uncertain)}" '
@@ -176,7 +193,7 @@ class ScreeningReport:
             f'<td>{_img(png_bytes(overlay(image, heat)), "ov", "explanation overlay")}</td><td>{link}</td>'
             f'<td><div class="call">{html.escape(str(top1))}</div>{p1:.3f}<div class="bar" style="width:{100 * p1:.0f}px"></div></td>'
             f'<td><ul class="others">{other}</ul></td><td>{flags}</td><td>{score_cell}</td>'
-            f'<td><ul class="attn">{attn}</ul></td></tr>\n'
+            f'<td>{parts}{f"<ul class=attn>{attn}</ul>" if attn else ""}{note}</td></tr>\n'
         )
 
     def _head(self) -> str:
@@ -184,14 +201,19 @@ class ScreeningReport:
         options = "".join(f'<option value="{html.escape(n)}">{html.escape(n)}</option>' for n in self.classes)
         where = {"grad-cam": "Grad-CAM on the model's last convolutional feature map",
                  "input-gradient": "gradient x input saliency"}.get(self.method, "")
-        attended = ("the cross-modal attention over the class descriptions" if self.text else "no text attention in this model")
+        attended = ("the call's logit margin over the runner-up class, split into the head's terms (visual: the classifier "
+                    "on the image tokens; descriptions: the called class's description match; prototypes: the similarity to "
+                    "its mean description), on the identity view; the most attended descriptions are listed only where "
+                    f"the image-to-description attention is not flat (entropy below {FLAT:g} of its maximum; "
+                    f"{c['flat']} of {c['ok']} images here are flat: near-equal weights on every description, from which a "
+                    "list would name descriptions the call did not use)" if self.text else "no text terms in this model")
         return (
             f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Screening report: {c['inputs']} micrographs</title>"
             f"<style>{STYLE}</style></head><body>\n<h1>Screening report</h1>\n"
             f'<div class="meta">model <code>{html.escape(str(self.model_dir))}</code>; {c["inputs"]} inputs: '
             f'{c["ok"]} classified, <span class="flag">{c["uncertain"]} uncertain</span> (top-1 probability below '
             f'{self.threshold:g}), {c["error"]} unreadable. Probabilities are calibrated (temperature scaling). '
-            f"Overlay: where the call came from ({where}); attended: {attended}.</div>\n"
+            f"Overlay: where the call came from ({where}); what the call used: {attended}.</div>\n"
             + self._summary() +
             '<div class="controls"><label>sort <select id="sort"><option value="input">input order</option>'
             '<option value="desc">most certain first</option><option value="asc">least certain first</option></select></label>'
@@ -200,7 +222,7 @@ class ScreeningReport:
             '<label><input type="checkbox" id="unc"> uncertain only</label>'
             '<label><input type="checkbox" id="unk"> unknown only</label><span><span id="shown"></span> shown</span></div>\n'
             "<table><thead><tr><th>#</th><th>image</th><th>where</th><th>file</th><th>call</th>"
-            f"<th>next classes</th><th>flag</th><th>unknown score</th><th>descriptions attended</th></tr></thead><tbody id=\"rows\">\n"
+            f"<th>next classes</th><th>flag</th><th>unknown score</th><th>what the call used</th></tr></thead><tbody id=\"rows\">\n"
         )
 
     def drift(self) -> Drift | None:
