@@ -6,14 +6,13 @@ DVC deletes a stage's outputs before it runs the stage, so a value refused insid
 only a small marker that every other stage depends on: when they fail, DVC stops before
 any other stage starts.
 
-    python stages/validate.py params --root data/raw/synthetic --synthetic data/raw/synthetic \
-        --out data/validated/params.json
+    python stages/validate.py params --root data/raw/synthetic --out data/validated/params.json
     python stages/validate.py data --root data/raw/synthetic --out data/validated/data.json
 
 `params` checks all of params.yaml (through the one Config loader: unknown and missing
 keys, types, ranges, cross-key rules), the synthesize counts, the YAML of the class and
-curated-description files, and the layout of data.root when it exists already (a root
-that is the synthesize stage's output is checked by `data` once it is written). `data`
+curated-description files, and the layout of data.root when it exists already (the
+synthetic default is written by `synthesize` after this stage: `data` checks it then). `data`
 checks the layout of data.root (a folder, no ambiguous split folders, image files of at
 least two classes, every val/test class in train/): the checks `prepare` makes before
 it writes anything. The messages are the stages' own one-line messages.
@@ -53,16 +52,12 @@ def check_synthesize(cfg: Config) -> None:
     class_counts(cfg.synthesize.total, cfg.synthesize.min_per_class)
 
 
-def same_path(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def validate_params(params: Path, root: str, synthetic: str | None, prompts: Path, out: Path) -> None:
+def validate_params(params: Path, root: str, prompts: Path, out: Path) -> None:
     cfg = load_config(params)
     check_synthesize(cfg)
     check_prompt_files(cfg, prompts)
-    if not (synthetic and same_path(root, synthetic) and not Path(root).exists()):
-        check_data_root(root)  # a synthetic root not yet written is checked by `validate_data`
+    if Path(root).exists():  # not yet: the synthetic default before `synthesize`; `validate_data` checks it then
+        check_data_root(root)
     write_json(out, MARKER)
     print(f"validate: {params} is valid")
 
@@ -79,12 +74,11 @@ def main() -> None:
     parser.add_argument("what", choices=("params", "data"), help="params: params.yaml and prompts; data: the data root's layout")
     parser.add_argument("--root", required=True, help="data.root")
     parser.add_argument("--out", type=Path, required=True, help="the marker file written when every check passes")
-    parser.add_argument("--synthetic", help="the synthesize stage's output folder (not yet there on a first run)")
     parser.add_argument("--prompts", type=Path, default=Path("prompts"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     if args.what == "params":
-        validate_params(args.params, args.root, args.synthetic, args.prompts, args.out)
+        validate_params(args.params, args.root, args.prompts, args.out)
     else:
         validate_data(args.root, args.out)
 

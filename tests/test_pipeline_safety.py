@@ -168,7 +168,7 @@ def test_validate_refuses_bad_params_in_one_line(tmp_path, edit, problem):
     params_copy(tmp_path, edit)
     shutil.copytree(REPO / "prompts", tmp_path / "prompts")
     done = run_script(tmp_path, str(REPO / "stages/validate.py"), "params", "--root", "data/raw/synthetic",
-                      "--synthetic", "data/raw/synthetic", "--out", "data/validated/params.json")
+                      "--out", "data/validated/params.json")
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and problem in done.stderr, done.stderr
     assert not (tmp_path / "data/validated/params.json").exists()
 
