@@ -431,6 +431,11 @@ def test_the_workspace_entry_blocks_a_second_exp_run_and_is_released(tmp_path, m
     assert exp_lock.workspace_run_root() is None                                 # a queued run in a temp copy
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     assert exp_lock.workspace_run_root() == tmp_path.resolve()
+    queued_copy = tmp_path / ".dvc/tmp/exps/tmpabc123"                            # where `dvc queue start` runs one
+    queued_copy.mkdir(parents=True)
+    monkeypatch.chdir(queued_copy)
+    assert exp_lock.workspace_run_root() is None
+    monkeypatch.chdir(tmp_path)
 
     lock_dir = tmp_path / exp_lock.LOCK_DIR
     dvc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # stands for the running dvc

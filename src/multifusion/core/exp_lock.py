@@ -40,8 +40,9 @@ def workspace_run_root() -> Path | None:
     root = os.environ.get("DVC_ROOT")
     if not os.environ.get("DVC_EXP_NAME") or not root:
         return None
-    root_path = Path(root).resolve()
-    return root_path if Path.cwd().resolve().is_relative_to(root_path) else None
+    root_path, here = Path(root).resolve(), Path.cwd().resolve()
+    # queued runs work in copies under .dvc/tmp/exps/ (DVC_ROOT still names the workspace)
+    return root_path if here.is_relative_to(root_path) and not here.is_relative_to(root_path / ".dvc") else None
 
 
 def entry_for(dvc_pid: int) -> dict[str, Any]:
