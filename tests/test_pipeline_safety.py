@@ -509,3 +509,12 @@ def test_a_second_exp_run_is_refused_before_it_touches_params_and_the_first_comp
     assert (repo / "out.json").read_text() == repr(({"a": 2, "epochs": 30}, {"a": 2, "epochs": 30}))
     third = dvc("exp", "run", "-S", "a=3")
     assert third.returncode == 0 and "killed" not in third.stderr, third.stderr  # the entry was released
+
+
+def test_loading_params_again_makes_them_the_reference(tmp_path):
+    """A notebook: edit params.yaml, load it again, train: no false alarm."""
+    path = params_copy(tmp_path)
+    load_config(path)
+    params_copy(tmp_path, lambda p: p["train"].update(epochs=2))
+    load_config(path)
+    check_params_unchanged("train")

@@ -497,8 +497,9 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return raw
 
 
-# The params file this process loaded last, with the digest of its values when first
-# loaded (see check_params_unchanged). One file: a stage reads one params.yaml.
+# The params file this process loaded last, with the digest of its values then (see
+# check_params_unchanged). One file: a stage reads one params.yaml, once, at its start; a
+# later load (a notebook that edits params.yaml and loads it again) is the new reference.
 _LOADED: dict[Path, str] = {}
 
 
@@ -506,10 +507,8 @@ def load_config(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read params.yaml (plus dotted overrides) into a validated :class:`Config`. The file's
     values are remembered, for :func:`check_params_unchanged`."""
     raw = read_params(path)
-    key = Path(path).resolve()
-    if key not in _LOADED:  # the same file again keeps its first digest: a rewrite in between still shows
-        _LOADED.clear()
-        _LOADED[key] = digest_params(raw)
+    _LOADED.clear()
+    _LOADED[Path(path).resolve()] = digest_params(raw)
     return config_from_dict(apply_overrides(raw, overrides or {}))
 
 
