@@ -26,20 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the tiny repository of the tests
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from tiny_experiments import dvc, git, make_experiment_repo  # noqa: E402
+from tiny_experiments import dvc, git, make_experiment_repo, start_queue, stop_queue, wait_for_queue  # noqa: E402
 
 from multifusion.core.runtime import threads_per_job  # noqa: E402
-
-
-def wait_for_queue(repo: Path, timeout: float = 3600) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = dvc(repo, "queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            return status
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"dvc queue still busy after {timeout} s:\n{status}")
-        time.sleep(2)
 
 
 def timed_queue(repo: Path, models: list[str], jobs: int) -> tuple[float, str]:
@@ -48,9 +37,12 @@ def timed_queue(repo: Path, models: list[str], jobs: int) -> tuple[float, str]:
         dvc(repo, "exp", "run", "--queue", "comparison/dvc.yaml:compare", "-S", f"compare.models=[{model}]", "-n", f"j{jobs}-{model}")
     threads = threads_per_job(jobs)
     started = time.perf_counter()
-    dvc(repo, "queue", "start", "--jobs", str(jobs), MULTIFUSION_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    status = wait_for_queue(repo)
-    wall = time.perf_counter() - started
+    start_queue(repo, jobs, MULTIFUSION_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    try:
+        status = wait_for_queue(repo, timeout=3600)
+        wall = time.perf_counter() - started
+    finally:
+        stop_queue(repo)  # the next round's workers start with their own threads
     if status.count("Success") != len(models):
         raise RuntimeError(f"not every queued experiment succeeded:\n{status}")
     return wall, status

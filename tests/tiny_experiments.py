@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,39 @@ def run(repo: Path, *args: str, check: bool = True, **extra_env: str) -> str:
 
 def dvc(repo: Path, *args: str, **extra_env: str) -> str:
     return run(repo, sys.executable, "-m", "dvc", *args, **extra_env)
+
+
+def start_queue(repo: Path, jobs: int, **extra_env: str) -> None:
+    """`dvc queue start --jobs N`, its output to ``.dvc/tmp/queue-start.log``. It returns once the
+    workers are started; they inherit this environment (``extra_env``: the threads per job). Not
+    through a pipe: the workers would hold it open, and a reader would wait for them to exit."""
+    log = repo / ".dvc" / "tmp" / "queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "--jobs", str(jobs)], cwd=repo,
+                              env=env(repo, **extra_env), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    assert done.returncode == 0, f"dvc queue start --jobs {jobs}\n{log.read_text()[-3000:]}"
+
+
+def wait_for_queue(repo: Path, timeout: float, poll: float = 2.0) -> str:
+    """Poll `dvc queue status` until no task is queued or running; its last output."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = dvc(repo, "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            return status
+        assert time.monotonic() < deadline, f"dvc queue still busy after {timeout} s:\n{status}"
+        time.sleep(poll)
+
+
+def stop_queue(repo: Path, timeout: float = 120) -> None:
+    """`dvc queue stop`, then wait until no worker is left (an idle one would take the next
+    queued task with the threads of its own start)."""
+    dvc(repo, "queue", "stop")
+    deadline = time.monotonic() + timeout
+    while "0 active, 0 idle" not in (status := dvc(repo, "queue", "status")):
+        assert time.monotonic() < deadline, f"dvc queue workers still up after {timeout} s:\n{status}"
+        time.sleep(1)
 
 
 def git(repo: Path, *args: str) -> str:
