@@ -43,9 +43,11 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
 
-    cfg = load_config(args.params, {"seed": args.seed})
+    cfg = load_config(args.params)
     threads = apply_thread_env()
-    metrics, labels, preds = run_comparison(args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live)
+    metrics, labels, preds = run_comparison(
+        args.model, cfg, args.prepared, args.text, args.out, args.checkpoints, args.live, seed=args.seed
+    )
     write_json(args.metrics, metrics)
     write_confusion_csv(args.plots / "confusion.csv", labels, preds, load_prepared(args.prepared).classes)
     print(

@@ -10,7 +10,7 @@ Names: ``multifusion`` (the full model: params.yaml as it is, trained exactly as
 does), the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
 swin_tiny, vig) and the keys of ``compare.ablations`` in params.yaml (e.g. mf_no_text:
 ``{fusion.text: false}``), each a set of dotted overrides on top of params.yaml. The training
-seed is the config's ``seed``: the stage sets it from ``compare.seeds`` (``--seed``).
+seed is ``run_comparison``'s ``seed`` (the stage's ``--seed``, one of ``compare.seeds``).
 """
 
 from __future__ import annotations
@@ -87,10 +87,14 @@ def run_comparison(
     model_dir: str | Path,
     checkpoint_dir: str | Path,
     live_dir: str | Path,
+    seed: int | None = None,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Train ``name`` with ``multifusion.training.train.fit``, score it on the test split; returns the
-    metrics (the keys of ``classification_metrics`` plus run facts), the test labels and the
+    """Train ``name`` with ``multifusion.training.train.fit`` at training seed ``seed`` (None: the
+    config's ``seed``), score it on the test split; returns the metrics (the keys of
+    ``classification_metrics`` plus run facts, the seed among them), the test labels and the
     predictions (N,) each. With ``compare.robustness`` it also writes ``model_dir/robustness.json``."""
+    if seed is not None:  # one of compare.seeds: the initial weights, batch order and augmentation draw
+        cfg = config_from_dict(apply_overrides(cfg.to_dict(), {"seed": seed}))
     cfg_run = variant_config(cfg, name)
     prepared = load_prepared(prepared_dir)
     text = TextFeatures.load(text_dir) if name not in BASELINES and cfg_run.fusion.text else None
