@@ -2,7 +2,7 @@
 text set beside the one a trained model's image features show, on the same classes.
 
     python bench/text_vs_image.py --model models/hnf --prepared data/prepared --text data/text_features
-    python bench/text_vs_image.py --model models/compare/mf_no_text --prepared data/prepared --text data/text_features
+    python bench/text_vs_image.py --model models/compare/mf_no_text/seed42 --prepared data/prepared --text data/text_features
 
 Text: each description's token states mean-pooled under the mask (the sentence embedding
 `embed_text` writes; (T, D)), averaged per class and L2-normalised -> cosine matrix (K, K).

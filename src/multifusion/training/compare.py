@@ -3,8 +3,8 @@ exactly as the main model (same prepared splits, ``train`` section, augmentation
 
     cfg_run = variant_config(cfg, "mf_no_text")        # params + the ablation's overrides
     metrics, labels, preds = run_comparison("resnet18", cfg, "data/prepared", "data/text_features",
-                                            "models/compare/resnet18", "checkpoints/compare/resnet18",
-                                            "dvclive/compare/resnet18")
+                                            "models/compare/resnet18/seed43", "checkpoints/compare/resnet18/seed43",
+                                            "dvclive/compare/resnet18/seed43", seed=43)
 
 Names: ``multifusion`` (the full model: params.yaml as it is, trained exactly as ``train``
 does), the baselines of ``multifusion.model.baselines`` (resnet18, resnet50, vit_small,
