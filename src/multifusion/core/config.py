@@ -457,6 +457,12 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def section_from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """One typed section (e.g. ``HNFConfig``) from its mapping, checked like params.yaml's
+    (every key present, none unknown, types right): how a model card's arguments come back."""
+    return _build(cls, raw, prefix)
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate the Config of a params mapping (params.yaml, a model's config.json)."""
     return validate(_build(Config, raw, ""))
