@@ -51,6 +51,7 @@ def run(repo, prepared, out, overrides, dropout=0.0, slow=0.0):
     cfg = load_config(os.path.join(repo, "params.yaml"), overrides)
     torch.manual_seed(0)
     model = Tiny(3, dropout, slow)
+    model.architecture = {"name": "tiny", "args": {}}  # the card's record (not in the registry: this test's own model)
     return fit(model, cfg, prepared, os.path.join(out, "model"), os.path.join(out, "checkpoints"), os.path.join(out, "live"), "tiny")
 
 if __name__ == "__main__":
@@ -225,7 +226,8 @@ def test_fit_early_stops_and_writes_model_live_checkpoint(make_prepared, worker,
     saved = load_file(out / "model/model.safetensors")
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     record = json.loads((out / "model/config.json").read_text())
-    assert record["model_name"] == "tiny" and record["config"]["train"]["patience"] == 2
+    assert record["model_name"] == "tiny" and record["architecture"] == {"name": "tiny", "args": {}}
+    assert "config" not in record and "train" not in json.dumps(record)  # the card, not the params
 
     # same params again: the finished checkpoint is resumed, nothing retrains, same weights
     capsys.readouterr()
