@@ -136,31 +136,35 @@ def test_the_closure_walk_follows_lazy_and_relative_imports_only(tmp_path, monke
 
 
 def rewrite_deps(pipeline: str) -> bool:
-    """Rewrite the src/ deps of every stage of ``pipeline`` to its import closure, in place
-    (comments and other deps kept). Returns whether the file changed."""
+    """Rewrite the src/ deps of every stage of ``pipeline`` to its import closure, in place:
+    they replace the stage's src/ lines, or follow its script's line when it has none
+    (comments and every other dep kept). Returns whether the file changed."""
     path = ROOT / pipeline
     lines = path.read_text().splitlines(keepends=True)
-    wanted = {name: (script, deps) for p, name, script, deps in stages() if p == pipeline}
+    wanted = {name: script for p, name, script, _ in stages() if p == pipeline}
     out: list[str] = []
-    stage, in_deps, inserted = None, False, False
+    stage, in_deps, done = None, False, set()
     for line in lines:
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip())
+        code = line.split("#", 1)[0].rstrip()  # the YAML without its comment
+        stripped, indent = code.strip(), len(code) - len(code.lstrip())
         if indent == 2 and stripped.endswith(":") and not stripped.startswith("-"):
-            stage, in_deps, inserted = stripped[:-1], False, False
-        elif stage and indent == 4 and not stripped.startswith("-"):
+            stage, in_deps = stripped[:-1], False
+        elif stage and stripped and indent == 4 and not stripped.startswith("-"):
             in_deps = stripped == "deps:"
-        if stage in wanted and in_deps and re.match(r"-\s+(\.\./)?src/multifusion\b", stripped):
-            if not inserted:
-                script, _ = wanted[stage]
-                prefix = line[: line.index("-")] + "- " + ("../" if "../src" in stripped else "")
-                out += [f"{prefix}{dep}\n" for dep in suggested_deps(import_closure(script))]
-                inserted = True
+        is_src = re.match(r"-\s+src/multifusion\b", stripped)
+        if stage in wanted and in_deps and (is_src or re.match(r"-\s+stages/\w+\.py$", stripped)):
+            if not is_src:
+                out.append(line)
+            if stage not in done:
+                prefix = line[: line.index("-")] + "- "
+                out += [f"{prefix}{dep}\n" for dep in suggested_deps(import_closure(wanted[stage]))]
+                done.add(stage)
             continue
         out.append(line)
     text = "".join(out)
     changed = text != path.read_text()
-    path.write_text(text)
+    if changed:
+        path.write_text(text)
     return changed
 
 
