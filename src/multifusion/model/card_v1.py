@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from multifusion.core.config import (ConfigError, DataConfig, EvaluateConfig, FusionConfig, GraphConfig, HNFConfig,
+from multifusion.core.config import (ConfigError, read_yaml, DataConfig, EvaluateConfig, FusionConfig, GraphConfig, HNFConfig,
                                      section_from_dict)
 from multifusion.core.errors import UserError
 
@@ -103,9 +101,8 @@ def completed_params(record: dict[str, Any], path: Path) -> tuple[dict[str, Any]
         return params, {}
     source = defaults_file()
     if source is not None:
-        with source.open() as f:
-            found = _Completion()
-            params = _complete(stored, yaml.safe_load(f) or {}, CardParams, "", found)
+        found = _Completion()
+        params = _complete(stored, read_yaml(source, ModelDirError) or {}, CardParams, "", found)
     if found.lacking:
         raise ModelDirError(f"{path}: saved before params.yaml had {', '.join(found.lacking)}, and "
                             f"{source or 'no params.yaml here'} has no value for them; run from the project root "
