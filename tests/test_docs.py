@@ -150,7 +150,11 @@ def test_cli_version_and_help_say_what_each_command_does() -> None:
     runner = CliRunner()
     done = runner.invoke(app, ["--version"])
     assert done.exit_code == 0 and done.output.strip() == f"multifusion {multifusion.__version__}"
-    for command in ("predict", "explain", "describe"):
+    import typer
+
+    commands = sorted(typer.main.get_command(app).commands)
+    assert {"predict", "explain", "describe"} <= set(commands)
+    for command in commands:  # every command, those added later too
         help_text = runner.invoke(app, [command, "--help"], terminal_width=200).output
         assert f"Example: multifusion {command} " in help_text, help_text
     listing = runner.invoke(app, ["--help"], terminal_width=200).output
