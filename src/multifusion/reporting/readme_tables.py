@@ -38,13 +38,13 @@ COMMAND = "python -m multifusion.reporting.readme_tables --write"
 DOCS_RESULTS = Path("docs/results.md")
 DOCS_FIGURES = Path("docs/img/results")
 TEXT_ABLATION, HIERARCHY_ABLATION = "mf_no_text", "mf_single_scale"
-# figures of the root pipeline's default run: (source, copy under DOCS_FIGURES, caption)
-PIPELINE_FIGURES = (
-    ("plots/evaluate/confusion.png", "confusion.png", "Confusion matrix of the default run's test split (`evaluate`)"),
-    ("plots/robustness/accuracy_vs_severity.png", "accuracy_vs_severity.png",
-     "Accuracy under the shifts of real micrographs, by severity (`robustness`)"),
-)
-SET_FIGURES = (("topk.png", "Top-k accuracy, every model"), ("ablation.png", "Ablations: macro precision / recall / F1"))
+# Every PNG the root pipeline writes under plots/<stage>/ and the comparison under reports/<set>/ is
+# shown; these are the captions of the known ones (another figure is shown under its file name).
+PIPELINE_FIGURES = {
+    "plots/evaluate/confusion.png": "Confusion matrix of the default run's test split (`evaluate`)",
+    "plots/robustness/accuracy_vs_severity.png": "Accuracy under the shifts of real micrographs, by severity (`robustness`)",
+}
+SET_FIGURES = {"topk.png": "Top-k accuracy, every model", "ablation.png": "Ablations: macro precision / recall / F1"}
 
 
 def _header_line(results_md: str, prefix: str) -> str:
@@ -161,11 +161,13 @@ def readme_summary(reports_dir: Path) -> str:
 
 def figure_copies(root: Path, reports_dir: Path) -> list[tuple[Path, Path, str]]:
     """(source, copy under docs/img/results/, caption) of every figure the results page shows."""
-    copies = [(root / src, root / DOCS_FIGURES / name, caption) for src, name, caption in PIPELINE_FIGURES]
+    plots = sorted(p for p in (root / "plots").glob("*/*.png") if p.parent.name != "offline")
+    copies = [(src, root / DOCS_FIGURES / src.name, PIPELINE_FIGURES.get(src.relative_to(root).as_posix(), f"`{src.name}`"))
+              for src in plots]
     for set_dir in report_sets(reports_dir):
-        copies += [(set_dir / name, root / DOCS_FIGURES / set_dir.name / name, f"`{set_dir.name}`: {caption}")
-                   for name, caption in SET_FIGURES]
-    return [c for c in copies if c[0].is_file()]
+        copies += [(src, root / DOCS_FIGURES / set_dir.name / src.name, f"`{set_dir.name}`: {SET_FIGURES.get(src.name, src.name)}")
+                   for src in sorted(set_dir.glob("*.png"), key=lambda p: (list(SET_FIGURES).index(p.name) if p.name in SET_FIGURES else len(SET_FIGURES), p.name))]
+    return copies
 
 
 def _figure(root: Path, src: Path, copy: Path, caption: str) -> list[str]:
@@ -236,15 +238,28 @@ def generated_files(root: Path = Path(".")) -> dict[Path, bytes]:
     return out
 
 
+def orphan_figures(root: Path, generated: dict[Path, bytes]) -> list[Path]:
+    """Files under docs/img/results/ that no longer copy any figure (removed by --write)."""
+    folder = root / DOCS_FIGURES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p not in generated) if folder.is_dir() else []
+
+
 def stale_files(root: Path = Path(".")) -> list[Path]:
-    """The generated files whose committed content differs from what the reports give."""
-    return [path for path, data in generated_files(root).items() if not path.is_file() or path.read_bytes() != data]
+    """The generated files whose committed content differs from what the reports give, and
+    figure copies whose source is gone."""
+    generated = generated_files(root)
+    stale = [path for path, data in generated.items() if not path.is_file() or path.read_bytes() != data]
+    return stale + orphan_figures(root, generated)
 
 
 def write_generated(root: Path = Path(".")) -> list[Path]:
     """Write every stale generated file; returns those written."""
     written = []
-    for path, data in generated_files(root).items():
+    generated = generated_files(root)
+    for orphan in orphan_figures(root, generated):
+        orphan.unlink()
+        written.append(orphan)
+    for path, data in generated.items():
         if not path.is_file() or path.read_bytes() != data:
             write_bytes(path, data)
             written.append(path)
