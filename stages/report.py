@@ -17,6 +17,7 @@ from pathlib import Path
 
 from multifusion.core.config import load_config
 from multifusion.core.errors import run_stage
+from multifusion.core.output_paths import FOLDER_RULE, check_outputs
 from multifusion.reporting.report import report_from_files
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.params)
+    check_outputs({"--out": (args.out, FOLDER_RULE)}, [args.params], folders=[args.compare, args.compare_plots])
     path = report_from_files(cfg, args.compare, args.out, args.compare_plots)
     print(f"report: {path}")
     print(path.read_text())

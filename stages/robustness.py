@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from multifusion.core.atomic import atomic_write
 from multifusion.core.errors import run_stage
 from multifusion.core.config import load_config
 from multifusion.data.dataset import load_prepared
@@ -49,7 +50,8 @@ def main() -> None:
     plots = Path(args.plots)
     plots.mkdir(parents=True, exist_ok=True)
     for shift, rows in table.groupby("shift", sort=False):
-        rows[["level", "severity", "accuracy", "macro_f1"]].to_csv(plots / f"{shift}.csv", index=False)
+        with atomic_write(plots / f"{shift}.csv", "w", newline="") as f:
+            rows[["level", "severity", "accuracy", "macro_f1"]].to_csv(f, index=False)
     plot_robustness(table, plots / "accuracy_vs_severity.png")
 
     clean = result["clean"]["accuracy"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,7 @@ def shots(tmp_path) -> Path:
 def predict_cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(__import__("multifusion.cli", fromlist=["app"]).app,
                                 ["predict", "--params", str(REPO / "params.yaml"), *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
     return result.exit_code, result.output
 
 
@@ -224,8 +226,8 @@ CORRUPTIONS = {
                           lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:300])),
     "wrong shapes": ("model.safetensors", "does not match config.json: size mismatch",
                      lambda m: _edit_record(m, lambda r: r["classes"].append("D"))),
-    "unknown params key": ("config.json", "does not know (graph.kk)",  # a missing key takes params.yaml's value
-                           lambda m: _edit_record(m, lambda r: r["config"]["graph"].update(kk=r["config"]["graph"].pop("k")))),
+    "unknown params key": ("config.json", "unknown key 'graph.kk'",  # the card's architecture arguments (format 2)
+                           lambda m: _edit_record(m, lambda r: (g := r["architecture"]["args"]["graph"]).update(kk=g.pop("k")))),
     "missing entry": ("config.json", "no 'temperature' entry", lambda m: _edit_record(m, lambda r: r.pop("temperature"))),
     "broken JSON": ("config.json", "not valid JSON", lambda m: (m / "config.json").write_text('{"model_name": ')),
 }
@@ -406,3 +408,353 @@ def test_predict_defaults_from_a_broken_model_config_name_the_file(tmp_path, sho
     result = CliRunner().invoke(__import__("multifusion.cli", fromlist=["app"]).app,
                                 ["predict", str(shots), "--model", str(model), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 2 and f"{model / 'config.json'}: damaged, not valid JSON" in result.output
+
+
+# -- 9. issue 25: nothing lost, ever --------------------------------------------------------
+# The output guard (inputs, input folders, the model folder, unwritable targets), atomic
+# writes (a full disk keeps the previous file), link loops and duplicates among the inputs,
+# explain = predict, CSV injection, empty folders, describe's URL, Ctrl-C.
+
+TINY = REPO / "tests" / "fixtures" / "tiny_model"  # a saved model: 32 px, text, 8-view TTA
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A copy of the tiny fixture model (a test that fails must not damage the fixture)."""
+    import shutil
+
+    return Path(shutil.copytree(TINY, tmp_path / "model"))
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """``multifusion <args>`` in process: (exit code, stdout + stderr)."""
+    result = CliRunner().invoke(__import__("multifusion.cli", fromlist=["app"]).app, list(args))
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exc_info
+    return result.exit_code, result.output
+
+
+def one_line_error(output: str) -> str:
+    """The one line of a refused command (progress bars aside), which starts with "error: "."""
+    bar = re.compile(r"^\w+: +\d+%\|")  # tqdm's progress lines
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip() and not bar.match(line)]
+    assert len(lines) == 1 and "Traceback" not in output and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "new.csv"])
+def test_predict_out_inside_the_model_folder_is_refused(tmp_path, tiny, shots, name):
+    before = snapshot(tiny)
+    code, output = predict_cli(str(shots), "--model", str(tiny), "--out", str(tiny / name))
+    line = one_line_error(output)
+    assert code == 2 and "--out" in line and "inside the model folder" in line and "--model" in line
+    assert snapshot(tiny) == before
+
+
+@pytest.mark.parametrize("flag, target", [("--out", "shots/p.csv"), ("--contact-sheet", "shots/sub/s.png"),
+                                          ("--report", "shots/r.html")])
+def test_predict_output_inside_an_input_folder_is_refused(tmp_path, shots, flag, target):
+    args = [str(shots), "--model", str(tmp_path / "no_model_here"), flag, str(tmp_path / target)]
+    code, output = predict_cli(*args, *([] if flag == "--out" else ["--out", str(tmp_path / "p.csv")]))
+    line = one_line_error(output)
+    assert code == 2 and flag in line and "input folder" in line and "no_model_here" not in line
+
+
+def test_unwritable_out_fails_before_inference_naming_the_flag(tmp_path, shots):
+    code, output = predict_cli(str(shots), "--model", str(tmp_path / "no_model_here"), "--out", "/proc/x.csv")
+    line = one_line_error(output)
+    assert code == 2 and line.startswith("error: --out /proc/x.csv: cannot be written") and "no_model_here" not in line
+
+
+def test_explain_refuses_its_input_folder_an_input_file_and_the_model_folder(tmp_path, tiny, shots):
+    before = snapshot(shots)
+    for out, problem in [(shots, "is the input folder"), (shots / "overlays", "inside the input folder"),
+                         (tiny, "inside the model folder"), (shots / "a.png", "is one of the inputs")]:
+        code, output = cli("explain", "--model", str(tiny), str(shots), "--out", str(out))
+        line = one_line_error(output)
+        assert code == 2 and line.startswith(f"error: --out {out}: ") and problem in line, (out, line)
+    code, output = cli("explain", "--model", str(tiny), str(shots / "a.png"), "--out", str(shots))
+    assert code == 2 and "holds the input" in one_line_error(output)
+    assert snapshot(shots) == before and not (shots / "overlays").exists()
+
+
+def test_explain_out_onto_an_existing_file_is_one_line(tmp_path, tiny, shots):
+    existing = tmp_path / "figure.png"
+    existing.write_bytes(b"a figure")
+    code, output = cli("explain", "--model", str(tiny), str(shots), "--out", str(existing))
+    assert code == 2 and "is a file, not a folder" in one_line_error(output)
+    assert existing.read_bytes() == b"a figure"
+
+
+def test_describe_init_is_guarded_like_every_writer(tmp_path):
+    data = tmp_path / "micrographs"
+    two_classes(data, per_class=1)
+    classes = tmp_path / "classes.json"
+    classes.write_text('["Fibres", "Nanowires"]')
+    common = ["describe", "--params", str(REPO / "params.yaml"), "--prompts", str(REPO / "prompts")]
+    for args, problem in [(["--classes", str(classes), "--init", str(classes)], "is one of the inputs"),
+                          (["--classes", str(data), "--init", str(data / "mine.yaml")], "inside the input folder"),
+                          (["--classes", str(classes), "--init", str(tmp_path / "mine.yml")], "needs one of the extensions .yaml"),
+                          (["--classes", str(classes), "--init", "/proc/mine.yaml"], "cannot be written")]:
+        code, output = cli(*common, *args)
+        assert code == 2 and "--init" in one_line_error(output) and problem in output, output
+    assert classes.read_text() == '["Fibres", "Nanowires"]' and not (data / "mine.yaml").exists()
+
+
+def test_report_stage_refuses_an_out_folder_among_its_inputs(tmp_path):
+    compare = tmp_path / "metrics_compare"
+    compare.mkdir()
+    result = stage(["stages/report.py", "--compare", str(compare), "--compare-plots", str(tmp_path / "plots"),
+                    "--out", str(compare / "report")], tmp_path)
+    line = one_clean_line(result, "report")
+    assert f"--out {compare / 'report'}" in line and "inside the input folder" in line
+    assert list(compare.iterdir()) == []
+
+
+# -- atomic writes: the previous file survives a failed write, no temp file stays ------------
+
+
+class FullDisk:
+    """A file object that takes ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every atomic write gets ``room`` bytes before ENOSPC (set ``full_disk.room``)."""
+    import builtins
+
+    from multifusion.core import atomic
+
+    class Control:
+        room = 100
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return FullDisk(f, Control.room) if "w" in mode else f
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+    return Control
+
+
+def test_full_disk_keeps_the_previous_csv_and_report_and_says_free_space(tmp_path, tiny, shots, full_disk):
+    out, page = tmp_path / "results" / "p.csv", tmp_path / "results" / "r.html"
+    out.parent.mkdir()
+    out.write_text("path,status\nearlier,ok\n")
+    page.write_text("<html>earlier</html>")
+    code, output = predict_cli(str(shots), "--model", str(tiny), "--out", str(out), "--report", str(page))
+    line = one_line_error(output)
+    assert code == 2 and line.startswith(f"error: {out}: no space left") and "free space on /" in line
+    assert out.read_text() == "path,status\nearlier,ok\n" and page.read_text() == "<html>earlier</html>"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.csv", "r.html"]  # no temp file left behind
+
+    full_disk.room = 10**9  # the report's turn: the CSV is written, the page fails
+    from multifusion.core import atomic
+
+    real = atomic.atomic_write
+
+    def page_fails(path, *args, **kwargs):
+        if str(path).endswith(".html"):
+            full_disk.room = 1000
+        return real(path, *args, **kwargs)
+
+    import multifusion.inference.screening_report as screening_report
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(screening_report, "atomic_write", page_fails)
+        code, output = predict_cli(str(shots), "--model", str(tiny), "--out", str(out), "--report", str(page))
+    assert code == 2 and f"{page}: no space left" in one_line_error(output)
+    assert page.read_text() == "<html>earlier</html>" and sorted(p.name for p in out.parent.iterdir()) == ["p.csv", "r.html"]
+    assert "a.png" in out.read_text()  # the CSV, written before, is whole
+
+
+def test_failed_writes_of_every_kind_leave_the_previous_file(tmp_path, full_disk):
+    from multifusion.core.atomic import DiskFullError, atomic_path, atomic_write, write_text
+    from multifusion.core.json_files import write_json
+
+    target = tmp_path / "m.json"
+    target.write_text('{"kept": true}\n')
+    with pytest.raises(DiskFullError, match=f"^{target}: no space left on the device.*free space on /"):
+        write_json(target, {"x": "y" * 500})
+    with pytest.raises(ValueError):  # an error of the caller's own, mid-write
+        with atomic_write(target) as f:
+            f.write("half")
+            raise ValueError("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == '{"kept": true}\n' and [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    full_disk.room = 10**9
+    os.chmod(target, 0o640)
+    write_text(target, "new\n")
+    assert target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o640  # the mode is kept
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs mounted at tmp_path/disk (root only; skipped where mounting is refused)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({(mount.stderr or mount.stdout).strip()}); "
+                    "the monkeypatched ENOSPC tests cover the full disk")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_full_disk_on_a_real_tmpfs_keeps_the_earlier_csv(tmp_path, tiny, tiny_disk):
+    deep = tmp_path / ("long_folder_name_" * 10)
+    for i in range(24):
+        image(deep / f"micrograph_with_a_long_name_{i:03d}.png", i, (40, 40))
+    out = tiny_disk / "predictions.csv"
+    earlier = "path,status\nearlier.png,ok\n"
+    out.write_text(earlier)
+    with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk, then leave one page free
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == 28
+    os.truncate(tiny_disk / "filler", max(0, (tiny_disk / "filler").stat().st_size - 4096))
+    code, output = predict_cli(str(deep), "--model", str(tiny), "--out", str(out))
+    line = one_line_error(output)
+    assert code == 2 and f"{out}: no space left" in line and f"free space on {tiny_disk}" in line
+    assert out.read_text() == earlier and sorted(p.name for p in tiny_disk.iterdir()) == ["filler", "predictions.csv"]
+
+
+# -- inputs: link loops, duplicates, empty folders, CSV injection --------------------------------
+
+
+def test_symlink_loop_among_predict_inputs_is_a_skip_row(tmp_path, tiny, shots):
+    os.symlink("loop_b.png", shots / "loop_a.png")
+    os.symlink("loop_a.png", shots / "loop_b.png")
+    os.symlink("gone.png", shots / "broken.png")
+    out = tmp_path / "p.csv"
+    code, output = predict_cli(str(shots), str(shots / "loop_a.png"), "--model", str(tiny), "--out", str(out))
+    assert code == 0 and "Traceback" not in output, output
+    table = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert table.loc[str(shots / "a.png"), "status"] == "ok" and table.loc[str(shots / "b.tif"), "status"] == "ok"
+    for name in ("loop_a.png", "loop_b.png"):
+        assert table.loc[str(shots / name), "status"] == "error" and "symbolic link loop" in table.loc[str(shots / name), "error"]
+    assert "broken symbolic link" in table.loc[str(shots / "broken.png"), "error"]
+    assert len(table) == 5  # loop_a given twice: one row
+
+
+def test_the_same_file_spelled_three_ways_gives_one_row(tmp_path, tiny, shots, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "p.csv"
+    code, output = predict_cli("shots/a.png", str(shots / "a.png"), "shots/../shots/a.png", "shots",
+                               "--model", str(tiny), "--out", str(out))
+    assert code == 0, output
+    assert pd.read_csv(out)["path"].tolist() == ["shots/a.png", "shots/b.tif"]  # the first spelling kept
+
+
+def test_empty_folder_is_one_line_and_writes_no_csv(tmp_path, tiny):
+    empty = tmp_path / "empty"
+    (empty / ".hidden").mkdir(parents=True)
+    (empty / ".DS_Store").write_bytes(b"")
+    code, output = predict_cli(str(empty), "--model", str(tiny), "--out", str(tmp_path / "p.csv"))
+    assert code == 2 and one_line_error(output) == f"error: no micrographs found in {empty} (hidden files are skipped)"
+    assert not (tmp_path / "p.csv").exists()
+    code, output = cli("explain", "--model", str(tiny), str(empty), "--out", str(tmp_path / "figs"))
+    assert code == 2 and "no micrographs found" in one_line_error(output) and not (tmp_path / "figs").exists()
+
+
+def test_formula_like_file_names_are_quoted_in_the_csv_not_in_the_report(tmp_path, tiny, monkeypatch):
+    names = ["=HYPERLINK(1).png", "+1.png", "-2.png", "@SUM.png", "\tx.png", "plain.png"]
+    for i, name in enumerate(names):
+        image(tmp_path / "shots" / name, i)
+    monkeypatch.chdir(tmp_path / "shots")
+    out, page = tmp_path / "p.csv", tmp_path / "r.html"
+    code, output = predict_cli("--model", str(tiny), "--out", str(out), "--report", str(page), "--", *names)
+    assert code == 0, output
+    assert pd.read_csv(out, keep_default_na=False)["path"].tolist() == ["'" + n for n in names[:-1]] + ["plain.png"]
+    html = page.read_text()
+    assert ">=HYPERLINK(1).png</a>" in html and ">@SUM.png</a>" in html and "'=HYPERLINK" not in html
+    code, _ = cli("explain", "--model", str(tiny), "--out", str(tmp_path / "figs"), "--", *names[:3])
+    assert code == 0 and pd.read_csv(tmp_path / "figs" / "explanations.csv")["path"].tolist() == ["'" + n for n in names[:3]]
+
+
+# -- describe's URL, Ctrl-C ------------------------------------------------------------------
+
+
+def test_refused_connection_in_describe_names_the_url(tmp_path, make_config):
+    import socket
+
+    from multifusion.llm import describe
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    llm = make_config({"llm.provider": "openai", "llm.base_url": url, "llm.max_retries": 0, "llm.model": "m"}).llm
+    with pytest.raises(Exception) as err:
+        describe(llm, ["Particles"], REPO / "prompts", tmp_path / "cache", {"OPENAI_API_KEY": "sk-test"})
+    message = one_line(err.value)
+    assert f"could not connect: {url}/chat/completions (Connection refused)" in message and "llm.base_url" in message
+
+
+def test_ctrl_c_in_predict_is_one_line_saying_what_was_kept(tmp_path, shots, monkeypatch):
+    import multifusion.inference.predict as predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "predict_paths", interrupted)
+    code, output = predict_cli(str(shots), "--out", str(tmp_path / "p.csv"))
+    assert code == 130 and output.strip() == "predict: interrupted; nothing written"
+
+
+def test_ctrl_c_during_parallel_work_is_one_line_and_no_worker_traceback(tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "work.py"
+    script.write_text(
+        "import time\n"
+        "from multifusion.core.errors import run_stage\n"
+        "from multifusion.core.json_files import write_json\n"
+        "from multifusion.data.parallel import parallel_map\n"
+        "def slow(i):\n"
+        "    time.sleep(0.05)\n"
+        "    return i\n"
+        "def main():\n"
+        f"    write_json({str(tmp_path / 'kept.json')!r}, [1])\n"
+        "    print('started', flush=True)\n"
+        "    return list(parallel_map(slow, list(range(2000)), 2, progress=False))\n"
+        "if __name__ == '__main__':\n"
+        "    run_stage('prepare', main)\n"
+    )
+    env = os.environ | {"MULTIFUSION_DEBUG": ""}
+    proc = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(1.0)  # the workers are busy
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == f"prepare: interrupted; kept, each complete: {tmp_path / 'kept.json'}; nothing else written", err

@@ -140,3 +140,22 @@ def test_cli_exit_codes(model_dir, folder, tmp_path, repo_root):
     assert (table["status"] == "error").all() and len(table) == 2
     missing_model = runner.invoke(app, ["predict", "--model", str(tmp_path / "none"), str(folder), "--out", str(out)])
     assert missing_model.exit_code == 2 and "config.json" in missing_model.output
+
+
+def test_explain_gives_predicts_call_and_probability(model_dir, folder, tmp_path):
+    """explain takes predict's inference path (issue 25): the same 8 test-time views and the
+    same temperature, so the class it explains and its probability are predict's top 1."""
+    from multifusion.inference.overlays import explain_paths
+    from multifusion.model.card import load_model
+
+    files = [str(folder / name) for name in GOOD]
+    table = run(model_dir, files, tmp_path, top_k=1)
+    rows = explain_paths(model_dir, files, tmp_path / "figures", size=64)
+    assert [r["path"] for r in rows] == table["path"].tolist()
+    assert [r["class"] for r in rows] == table["top1_class"].tolist()
+    assert [r["probability"] for r in rows] == pytest.approx(table["top1_prob"].astype(float).tolist(), abs=1e-6)
+    loaded = load_model(model_dir)
+    assert loaded.input.tta  # the views differ from a single one, so agreeing above means something
+    images = np.stack([load_micrograph(Path(f), loaded.input) for f in files])
+    single = predict_probs(loaded.model, images, 64, "cpu", loaded.temperature, False).max(axis=1)
+    assert not np.allclose(single, [r["probability"] for r in rows], atol=1e-4)

@@ -81,12 +81,19 @@ def describe(
     from multifusion.llm import describe as run_describe
     from multifusion.llm import dry_run as plan_dry_run
     from multifusion.llm import format_dry_run, read_classes, write_outputs
+    from multifusion.core.output_paths import JSON_RULE, TABLE_RULE, YAML_RULE, check_outputs
     from multifusion.llm.skeleton import folder_classes, write_skeleton
 
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in set_)}
         cfg = load_config(params, overrides)
         names = folder_classes(classes) if Path(classes).is_dir() else read_classes(classes)
+        read = [p for p in (classes, from_descriptions, cfg.llm.classes_file) if p is not None and Path(p).is_file()]
+        if init is not None:  # the output guard, before any work
+            check_outputs({"--init": (init, YAML_RULE)}, read, folders=[classes] if Path(classes).is_dir() else [])
+        elif not dry_run:
+            check_outputs({"--out": (out, TABLE_RULE), "--metrics": (metrics, JSON_RULE)}, read,
+                          folders=[p for p in (classes, cache) if Path(p).is_dir()])
         if init is not None:
             done = write_skeleton(init, names, cfg.llm, prompts, from_descriptions)
             typer.echo(f"{done.path}: {len(done.written)} class(es) x {len(cfg.llm.templates)} templates, {done.filled} texts filled in"
@@ -96,10 +103,9 @@ def describe(
             typer.echo(format_dry_run(plan_dry_run(cfg.llm, names, prompts, cache, os.environ), show_prompts))
             return
         result = run_describe(cfg.llm, names, prompts, cache, os.environ)
-    except (ValueError, RuntimeError, ConfigError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    write_outputs(result, out, metrics)
+        write_outputs(result, out, metrics)
+    except (*USER_ERRORS, RuntimeError, ConfigError) as exc:
+        _fail(exc)
     typer.echo(f"{out}: {len(result.table)} descriptions; {result.metrics['requests_sent']} requests sent, {result.metrics['cache_hits']} cache hits")
 
 

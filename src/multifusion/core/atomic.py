@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -70,9 +71,13 @@ def _new_file_mode(target: Path) -> int:
     """The mode the target keeps (when it exists) or a new file gets (0o666 less the umask)."""
     with suppress(OSError):
         return os.stat(target).st_mode & 0o7777
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -128,6 +133,43 @@ def atomic_write(path: str | Path, mode: str = "w", **open_args: Any) -> Iterato
         with open(tmp, mode, **open_args) as f:
             yield f
             f.flush()
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """For a folder a library writes whole (``save_pretrained``): yield an empty staging
+    folder beside ``path``; when the block ends without error its files are fsynced and it
+    takes the place of ``path`` (any previous folder there is removed only then). On error
+    the staging folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    staging: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        yield staging
+        for file in sorted(p for p in staging.rglob("*") if p.is_file()):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.chmod(staging, 0o777 & ~_umask())
+        old = None
+        if os.path.lexists(path):
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(staging, path)
+        staging = None
+        _fsync_folder(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _written.append(path)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if _is_full_disk(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(errno.ENOSPC, full_disk_message(path)) from err
+        raise
 
 
 def write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:

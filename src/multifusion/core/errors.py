@@ -64,12 +64,22 @@ def run_stage(name: str, main: Callable[[], T]) -> T:
     Under DVC (``DVC_STAGE`` set) the stage is first tied to the DVC process: it stops when
     that process dies (:func:`multifusion.core.lifeline.watch_parent`), so a rerun never
     races an orphan; under a workspace ``dvc exp run`` a second one is refused before it
-    rewrites params.yaml (:func:`multifusion.core.exp_lock.hold_workspace`)."""
+    rewrites params.yaml (:func:`multifusion.core.exp_lock.hold_workspace`).
+    Ctrl-C ends it with one line, ``<name>: interrupted; nothing written`` or the files it
+    had put in place (each whole: :mod:`multifusion.core.atomic`), exit 130."""
+    from multifusion.core.atomic import interrupted_line, mark
+
     if os.environ.get("DVC_STAGE"):
         watch_parent()
         hold_workspace(dvc_pid())  # under a workspace `dvc exp run`: a second one is refused before it writes params
+    since = mark()
     try:
         return main()
+    except KeyboardInterrupt:
+        if os.environ.get("MULTIFUSION_DEBUG"):
+            raise
+        print(f"{name}: {interrupted_line(since)}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except Exception as err:  # noqa: BLE001 -- sorted below: user errors end cleanly, the rest re-raise
         if not is_user_error(err) or os.environ.get("MULTIFUSION_DEBUG"):
             raise

@@ -38,7 +38,9 @@ class OutputRule:
 CSV_RULE = OutputRule("predictions.csv", refuse=IMAGE_EXTENSIONS)
 FIGURE_RULE = OutputRule("contact_sheet.png", require=(".png", ".jpg", ".jpeg", ".pdf", ".svg"))
 HTML_RULE = OutputRule("report.html", require=(".html", ".htm"))
-YAML_RULE = OutputRule("prompts/curated/new_classes.yaml", require=(".yaml", ".yml"))
+YAML_RULE = OutputRule("prompts/curated/mine.yaml", require=(".yaml",))  # curated files are read as *.yaml
+TABLE_RULE = OutputRule("descriptions.parquet", refuse=IMAGE_EXTENSIONS)
+JSON_RULE = OutputRule("metrics.json", refuse=IMAGE_EXTENSIONS)
 FOLDER_RULE = OutputRule("figures", folder=True)
 
 

@@ -31,6 +31,7 @@ from multifusion.data.ingest import Record, prepare_files
 from multifusion.data.layout import LayoutError, Scan, check_train_classes, scan_folder
 from multifusion.data.split import (MIN_GROUPS, SPLITS, assign_splits, connected_groups, near_duplicate_pairs,
                                     pattern_pairs)
+from multifusion.core.atomic import atomic_path
 from multifusion.core.json_files import write_json
 
 log = logging.getLogger("multifusion.prepare")
@@ -201,8 +202,10 @@ def prepare_dataset(root: str | Path, out_dir: str | Path, data: DataConfig, see
     images = np.stack([r.image for r, _, _ in good])  # (N, S, S) uint8
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "images.npy", images)
-    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    with atomic_path(out_dir / "images.npy") as tmp:  # each file whole or not at all
+        np.save(tmp, images)
+    with atomic_path(out_dir / "manifest.parquet") as tmp:
+        manifest.to_parquet(tmp, index=False)
     write_json(out_dir / "classes.json", classes)
     class_counts, split_counts = _counts(manifest)
     report = {

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage as ndi
 
+from multifusion.core.atomic import atomic_path
 from multifusion.core.config import SynthesizeConfig
 from multifusion.data.morphology import RENDERERS
 from multifusion.data.parallel import parallel_map
@@ -161,7 +162,8 @@ def file_name(class_name: str, index: int) -> str:
 def _write_one(task: tuple[int, str, int, int, int, str]) -> str:
     seed, class_name, index, width, height, out_dir = task
     path = Path(out_dir) / class_name / file_name(class_name, index)
-    Image.fromarray(render_image(seed, class_name, index, width, height)).save(path)
+    with atomic_path(path) as tmp:  # ".tif" kept: PIL picks the format by it
+        Image.fromarray(render_image(seed, class_name, index, width, height)).save(tmp)
     return str(path)
 
 

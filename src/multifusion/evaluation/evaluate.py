@@ -18,6 +18,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top
 
 from multifusion.evaluation.calibration import nll
 from multifusion.data.dataset import Prepared, to_model_input
+from multifusion.core.atomic import atomic_path, atomic_write
 from multifusion.core.plotting import pyplot
 
 TOP_K = (1, 2, 3, 5)
@@ -140,9 +141,7 @@ def per_class_table(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -
 
 def write_confusion_csv(path: str | Path, labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> None:
     """One ``actual,predicted`` row per image (class names): DVC's ``confusion`` template input."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((classes[a], classes[p]) for a, p in zip(labels, preds))
@@ -151,8 +150,6 @@ def write_confusion_csv(path: str | Path, labels: np.ndarray, preds: np.ndarray,
 def plot_confusion_png(path: str | Path, cm: np.ndarray, classes: list[str], title: str = "Confusion matrix") -> None:
     """Row-normalised confusion matrix with counts, as a PNG (matplotlib, Agg)."""
     plt = pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     size = max(5.0, 0.55 * len(classes) + 2.5)
@@ -168,8 +165,11 @@ def plot_confusion_png(path: str | Path, cm: np.ndarray, classes: list[str], tit
     ax.set_ylabel("actual")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def evaluate_split(

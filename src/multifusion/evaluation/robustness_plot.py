@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from multifusion.core.atomic import atomic_path
 from multifusion.core.plotting import pyplot
 
 
@@ -34,6 +35,8 @@ def plot_robustness(table: pd.DataFrame, path: str | Path) -> None:
     fig.legend(handles, names, loc="lower right", fontsize=8)
     fig.suptitle("Accuracy vs shift severity (test split)")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -184,12 +184,8 @@ def spreadsheet_safe(value: object) -> object:
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:
     """``table`` as CSV at ``path``: spreadsheet-safe text cells, written atomically."""
-    safe = table.copy()
-    for column in safe.columns:
-        if safe[column].dtype == object:
-            safe[column] = safe[column].map(spreadsheet_safe)
     with atomic_write(path, "w", newline="") as f:
-        safe.to_csv(f, index=False)
+        table.map(spreadsheet_safe).to_csv(f, index=False)
 
 
 def read_one(path: Path, data: DataConfig) -> tuple[np.ndarray | None, str | None]:

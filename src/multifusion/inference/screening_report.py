@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import shutil
 import tempfile
 from pathlib import Path

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from multifusion.core.config import LLM_PROVIDERS, LLMConfig
+from multifusion.core.atomic import atomic_path
 from multifusion.core.json_files import write_json
 from multifusion.llm.cache import ResponseCache
 from multifusion.llm.curated import CuratedTexts, curated_answers, load_curated, missing_requests, uncurated_classes
@@ -158,9 +159,8 @@ def _describe_curated(
 
 
 def write_outputs(result: DescribeResult, out: str | Path, metrics_path: str | Path) -> None:
-    out, metrics_path = Path(out), Path(metrics_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.table.to_parquet(out, index=False)
+    with atomic_path(out) as tmp:
+        result.table.to_parquet(tmp, index=False)
     write_json(metrics_path, result.metrics)
 
 

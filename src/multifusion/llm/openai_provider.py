@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping
@@ -107,6 +108,23 @@ def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def connection_error(err: BaseException, base_url: object) -> str:
+    """One line for a request that reached no server: the URL it went to, why (the socket
+    error underneath, e.g. "Connection refused"), and what to check."""
+    request = getattr(err, "request", None)
+    url = getattr(request, "url", None) or base_url
+    why, cause = str(err), err.__cause__ or err.__context__
+    while cause is not None:  # the innermost reason: "Connection refused" rather than "Connection error."
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            why = os.strerror(cause.errno) if cause.errno else cause.strerror
+            break
+        why = str(cause).strip() or type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+    kind = "timed out" if isinstance(err, openai.APITimeoutError) else "could not connect"
+    return (f"{kind}: {url} ({why}); check llm.base_url (or OPENAI_BASE_URL) and that the server "
+            f"is running and reachable")
+
+
 def _parse(completion: object) -> tuple[str, str, int, int]:
     """(content, finish_reason, prompt_tokens, completion_tokens) of a chat completion."""
     choices = getattr(completion, "choices", None)
@@ -148,7 +166,9 @@ async def complete(
                 error = f"HTTP {status}: {_scrub(str(err.message), api_key)[:200]}"
                 break
             error, headers = f"HTTP {status}", err.response.headers
-        except (openai.APIConnectionError, openai.APIResponseValidationError, MalformedResponseError, ValueError) as err:
+        except openai.APIConnectionError as err:  # refused, unreachable, timed out: name where
+            error = _scrub(connection_error(err, client.base_url), api_key)[:300]
+        except (openai.APIResponseValidationError, MalformedResponseError, ValueError) as err:
             error = f"{type(err).__name__}: {_scrub(str(err), api_key)[:200]}"
         else:
             stats.prompt_tokens += prompt_tokens

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from multifusion.core.atomic import write_text
 from multifusion.core.config import LLMConfig
 from multifusion.llm.curated import CURATED_DIR, CuratedMissingError, load_curated
 from multifusion.llm.prompts import ClassInfo, load_classes_file
@@ -114,7 +115,6 @@ def write_skeleton(
         raise SkeletonError(f"every class is already listed in {Path(prompts_dir) / CURATED_DIR}/*.yaml; edit those files")
     texts = texts_from_descriptions(descriptions) if descriptions is not None else {}
     infos = load_classes_file(llm.classes_file, todo)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(skeleton_yaml(infos, llm.templates, version, texts))
+    write_text(path, skeleton_yaml(infos, llm.templates, version, texts))
     filled = sum(len(texts.get(c, {}).get(t, [])) for c in todo for t in llm.templates)
     return SkeletonResult(path=path, written=todo, already_listed=done, filled=filled)

@@ -25,6 +25,7 @@ import numpy as np
 
 from multifusion.core.config import FULL_MODEL as FULL
 from multifusion.core.config import Config
+from multifusion.core.atomic import atomic_path, write_text
 from multifusion.core.json_files import write_json
 from multifusion.core.plotting import pyplot
 from multifusion.reporting.seed_stats import PRF, TOPK, read_metrics, read_runs, summarize
@@ -278,8 +279,11 @@ def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: st
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=len(keys))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, dataset: str, date: str | None = None) -> Path:
@@ -306,10 +310,8 @@ def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, d
 
 
 def atomic_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` atomically (:func:`multifusion.core.atomic.write_text`)."""
+    write_text(path, text)
 
 
 def report_from_files(cfg: Config, compare_dir: str | Path, out_dir: str | Path, compare_plots: str | Path | None = None) -> Path:

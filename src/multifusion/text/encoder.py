@@ -16,6 +16,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
+from multifusion.core.atomic import atomic_folder
 from multifusion.text.features import TextFeatures
 from multifusion.text.pretrain import quiet_load_report
 
@@ -37,7 +38,8 @@ def build_sentence_encoder(lm_dir: str | Path, max_length: int) -> SentenceTrans
 
 def save_sentence_encoder(encoder: SentenceTransformer, directory: str | Path) -> None:
     """Save for ``SentenceTransformer(directory)``; no model card, so nothing goes online."""
-    encoder.save(str(directory), create_model_card=False)
+    with atomic_folder(directory) as staging:  # the whole folder or the previous one
+        encoder.save(str(staging), create_model_card=False)
 
 
 @torch.no_grad()

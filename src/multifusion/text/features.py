@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from multifusion.core.atomic import atomic_path
+
 TENSORS = "features.safetensors"
 INDEX = "index.parquet"
 
@@ -44,17 +46,18 @@ class TextFeatures:
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {
-                "token_states": self.token_states.contiguous().float(),
-                "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
-            },
-            str(directory / TENSORS),
-        )
-        pd.DataFrame({"class_name": self.class_names, "template": self.templates, "sample": self.samples}).to_parquet(
-            directory / INDEX, index=False
-        )
+        with atomic_path(directory / TENSORS) as tmp:
+            save_file(
+                {
+                    "token_states": self.token_states.contiguous().float(),
+                    "attention_mask": self.attention_mask.to(torch.uint8).contiguous(),
+                },
+                str(tmp),
+            )
+        with atomic_path(directory / INDEX) as tmp:
+            pd.DataFrame({"class_name": self.class_names, "template": self.templates, "sample": self.samples}).to_parquet(
+                tmp, index=False
+            )
 
     @classmethod
     def load(cls, directory: str | Path) -> "TextFeatures":

@@ -38,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from multifusion.core.atomic import atomic_folder
 from multifusion.core.config import TextConfig
 from multifusion.core.optim import optimizer_step, warmup_linear
 from multifusion.core.runtime import cpu_threads
@@ -318,7 +319,6 @@ def _pretrain(text: TextConfig, seed: int, corpus: Corpus, base_dir: str | Path 
 
 def save_lm(result: PretrainResult, directory: str | Path) -> None:
     """Model + tokenizer, loadable offline with AutoModel(ForMaskedLM) / AutoTokenizer."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    result.model.save_pretrained(str(directory))
-    result.tokenizer.save_pretrained(str(directory))
+    with atomic_folder(directory) as staging:  # the whole folder or the previous one
+        result.model.save_pretrained(str(staging))
+        result.tokenizer.save_pretrained(str(staging))
