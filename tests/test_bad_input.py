@@ -612,6 +612,20 @@ def test_failed_writes_of_every_kind_leave_the_previous_file(tmp_path, full_disk
     write_text(target, "new\n")
     assert target.read_text() == "new\n" and (target.stat().st_mode & 0o777) == 0o640  # the mode is kept
 
+    from multifusion.core.atomic import atomic_folder  # a folder a library writes whole (save_pretrained)
+
+    lm = tmp_path / "text_lm"
+    with atomic_folder(lm) as staging:
+        (staging / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(lm) as staging:
+            (staging / "config.json").write_text('{"half"')
+            raise RuntimeError("the library failed")
+    assert (lm / "config.json").read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "text_lm"]
+    with atomic_folder(lm) as staging:
+        (staging / "weights.bin").write_bytes(b"1")
+    assert sorted(p.name for p in lm.iterdir()) == ["weights.bin"] and len(list(tmp_path.iterdir())) == 2
+
 
 @pytest.fixture
 def tiny_disk(tmp_path):
