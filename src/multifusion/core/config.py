@@ -42,6 +42,7 @@ FUSION_MODES = ("mha", "concat")                   # fusion.mode
 BALANCE_MODES = ("loss", "sampler", "none")        # train.balance
 DEVICES = ("auto", "cpu", "cuda")                  # train.device, evaluate.device
 OOD_SCORES = ("knn", "mahalanobis", "energy", "max_softmax")  # ood.score
+PRETRAIN_METHODS = ("byol",)                       # pretrain.method
 MAX_HNF_LAYERS = 4
 FULL_MODEL = "multifusion"                         # compare.models: the full model (default config), every paired test's reference
 
@@ -72,6 +73,7 @@ class DataConfig:
     near_duplicate_bits: int
     max_pixels: int
     workers: int
+    unlabeled: str | None                      # a folder of unlabelled micrographs for pretrain_image (null: none)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,24 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """``pretrain:``: self-supervised pretraining of the image trunk (stage pretrain_image)."""
+
+    enabled: bool                              # false: the stage writes a marker and train starts from random init
+    method: str                                # one of PRETRAIN_METHODS
+    epochs: int
+    batch_size: int
+    lr: float                                  # AdamW peak lr (warmup then cosine)
+    weight_decay: float
+    warmup_epochs: int
+    momentum: float                            # BYOL: the target network's EMA momentum at step 0 (cosine to 1)
+    projection_dim: int                        # projector / predictor output width
+    hidden_dim: int                            # projector / predictor hidden width
+    shift: int                                 # random shift in pixels (reflect-pad + crop at the stored resolution)
+    noise: float                               # Gaussian noise std on [0, 1] pixels
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     ece_bins: int
     batch_size: int
@@ -246,6 +266,7 @@ class Config:
     graph: GraphConfig
     fusion: FusionConfig
     train: TrainConfig
+    pretrain: PretrainConfig
     evaluate: EvaluateConfig
     predict: PredictConfig
     ood: OodConfig
@@ -389,6 +410,10 @@ RULES: dict[str, Check] = {
     "train.patience": at_least(0), "train.num_workers": at_least(0), "train.device": one_of(DEVICES),
     "train.grad_clip": at_least(0), "train.augment.crop_scale": in_range(0.0, 1.0, low_open=True),
     "train.augment.brightness": at_least(0), "train.augment.contrast": at_least(0), "train.augment.noise": at_least(0),
+    "pretrain.method": one_of(PRETRAIN_METHODS), "pretrain.epochs": at_least(1), "pretrain.batch_size": at_least(2),
+    "pretrain.lr": POSITIVE, "pretrain.weight_decay": at_least(0), "pretrain.warmup_epochs": at_least(0),
+    "pretrain.momentum": in_range(0.0, 1.0), "pretrain.projection_dim": at_least(1), "pretrain.hidden_dim": at_least(1),
+    "pretrain.shift": at_least(0), "pretrain.noise": at_least(0),
     "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),
     "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
     "predict.contact_sheet": at_least(0), "predict.single_view_confidence": in_range(0.0, 1.0, low_open=True),
@@ -439,6 +464,11 @@ def _cross_problems(cfg: Config) -> list[str]:
             derive_patch_sizes(cfg.data.image_size, cfg.hnf.layers, cfg.hnf.patch_sizes, cfg.hnf.stem)
         except ValueError as err:
             problems.append(str(err))
+    if cfg.pretrain.enabled and cfg.hnf.stem == "linear":
+        problems.append("pretrain.enabled is true but hnf.stem linear has no trunk to pretrain; "
+                        "set hnf.stem to graph, pyramid or conv, or pretrain.enabled: false")
+    if cfg.pretrain.enabled and cfg.pretrain.shift * 2 >= cfg.data.image_size >= 1:
+        problems.append(f"pretrain.shift {cfg.pretrain.shift} must be under half of data.image_size {cfg.data.image_size}")
     if cfg.data.group_pattern is not None:
         try:
             re.compile(cfg.data.group_pattern)

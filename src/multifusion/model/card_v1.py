@@ -39,6 +39,11 @@ class FilledParamsWarning(UserWarning):
     """A format-1 model's params lacked keys added to params.yaml since; they took the current values."""
 
 
+# Keys added after format 1 whose value every format-1 model had by construction (a model
+# saved before data.unlabeled existed was pretrained on no unlabelled folder): set, not filled.
+NEWER_THAN_FORMAT_1: dict[str, Any] = {"data.unlabeled": None}
+
+
 @dataclass(frozen=True)
 class CardParams:
     """The sections of a format-1 model's params that its card keeps; the others (train,
@@ -68,7 +73,9 @@ def _complete(stored: dict[str, Any], defaults: dict[str, Any], section: type, p
     out = dict(stored)
     for field in dataclasses.fields(section):
         name, key, hint = field.name, prefix + field.name, hints[field.name]
-        if name not in stored and name in defaults:
+        if name not in stored and key in NEWER_THAN_FORMAT_1:  # what the model had then: nothing to fill, nothing to warn of
+            out[name] = copy.deepcopy(NEWER_THAN_FORMAT_1[key])
+        elif name not in stored and name in defaults:
             out[name] = found.filled[key] = copy.deepcopy(defaults[name])
         elif name not in stored:
             found.lacking.append(key)
