@@ -13,8 +13,10 @@ TORCH_SPEC ?=
 # Where the +cpu torch wheel is found (PyPI has only CUDA builds): PyTorch's CPU index page, or
 # this workplace's /opt/wheels, which holds the same file (same sha256).
 TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels/torch-*+cpu-*.whl),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
-# uv (pinned in the lock, bootstrapped with pip) installs ~10x faster than pip and removes what
-# the lock does not list; INSTALLER=pip does the same install with pip alone (slower).
+# uv (pinned in the lock, bootstrapped with pip) installs faster than pip and removes what the
+# lock does not list; INSTALLER=pip does the same install with pip alone (slower). Both write the
+# byte code at install: where PYTHONDONTWRITEBYTECODE is set (as on this machine) a venv without
+# it recompiles every import in every process (twice the CPU of `import torch, transformers`).
 INSTALLER ?= uv
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -44,7 +46,8 @@ else ifeq ($(INSTALLER),pip)
 else
 	awk '/^uv==/ {p=1; print; next} p && /^[ \t]/ {print; next} {p=0}' $(LOCK) > $(VENV)/uv.lock.txt
 	$(PY) -m pip install -q --require-hashes --no-deps -r $(VENV)/uv.lock.txt
-	$(VENV)/bin/uv pip sync -q --require-hashes --python $(PY) --find-links $(TORCH_FIND_LINKS) $(LOCK)
+	$(VENV)/bin/uv pip sync -q --require-hashes --compile-bytecode --python $(PY) \
+		--find-links $(TORCH_FIND_LINKS) $(LOCK)
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 endif
 	echo "$(INSTALL_FROM)" > $@
