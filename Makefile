@@ -63,10 +63,16 @@ UV ?= $(VENV)/bin/uv
 LOCK_FLAGS = --extra dev --generate-hashes --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q \
 	$(if $(UPGRADE),--upgrade)
+# (uv reads its preferences from the output file: start from a copy of the lock; replace the
+# lock only when it changed, so an unchanged lock does not trigger a re-install.)
+define compile_lock
+	cp requirements/$(1).lock $(VENV)/$(1).lock.new 2>/dev/null || true
+	$(UV) pip compile pyproject.toml requirements/$(1).in $(LOCK_FLAGS) $(2) -o $(VENV)/$(1).lock.new
+	cmp -s $(VENV)/$(1).lock.new requirements/$(1).lock || cp $(VENV)/$(1).lock.new requirements/$(1).lock
+endef
 lock: $(VENV)/.installed
-	$(UV) pip compile pyproject.toml requirements/cpu.in $(LOCK_FLAGS) \
-		--find-links $(TORCH_FIND_LINKS) -o requirements/cpu.lock
-	$(UV) pip compile pyproject.toml requirements/cuda.in $(LOCK_FLAGS) -o requirements/cuda.lock
+	$(call compile_lock,cpu,--find-links $(TORCH_FIND_LINKS))
+	$(call compile_lock,cuda,)
 
 # Two BLAS/OpenMP threads, pinned: floating-point reductions depend on the thread count, so a
 # fixed count is what makes a fresh `make run` reproduce the committed dvc.lock bit for bit on
