@@ -1,0 +1,136 @@
+"""Adaptive test-time views: top-1 and forward throughput of ``predict.single_view_confidence``
+against the full 8-view policy, on a prepared set's val and test splits.
+
+    python bench/adaptive_views.py --model models/hnf --prepared data/prepared \
+        --thresholds 0.5,0.7,0.8,0.9,0.95,0.99,1.0 --out bench/results/adaptive_views_<date>.txt
+
+Policy (:mod:`multifusion.inference.views`): the identity view first; the other seven only
+where its calibrated top-1 probability is at or below the threshold (1.0 = all eight).
+Accuracy for every threshold comes from one pass over the 8 views of each image (exactly
+what the policy computes); the forward time of the chosen threshold, of one view and of
+all eight is measured with ``screen_outputs`` itself (model forward only: no decoding).
+The threshold is chosen on val: the smallest whose val top-1 is within ``--tolerance`` of
+the 8-view policy's; test shows what it costs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from multifusion.data.dataset import load_prepared, to_model_input
+from multifusion.evaluation.evaluate import dihedral_views, predict_logits, softmax
+from multifusion.evaluation.ood import load_unknown
+from multifusion.inference.views import screen_outputs
+from multifusion.model.card import load_model
+
+
+@torch.no_grad()
+def view_logits(model: torch.nn.Module, images: np.ndarray, batch: int) -> np.ndarray:
+    """uint8 (N, S, S) -> (8, N, K): the logits of each dihedral view (view 0 = identity)."""
+    chunks = []
+    for start in range(0, len(images), batch):
+        x = to_model_input(images[start : start + batch])
+        chunks.append(torch.stack([model(v) for v in dihedral_views(x)]).numpy())
+    return np.concatenate(chunks, axis=1)
+
+
+def policy(views: np.ndarray, temperature: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(8, N, K) -> (logits (N, K) under the threshold, (N,) bool: took all eight)."""
+    top1 = softmax(views[0], temperature).max(axis=1)
+    more = top1 <= threshold
+    return np.where(more[:, None], views.mean(axis=0), views[0]), more
+
+
+def timed(fn, repeats: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.0")
+    parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--time-images", type=int, default=128, help="test images timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chosen", type=float, default=None, help="time this threshold; skip the accuracy table")
+    parser.add_argument("--also", type=lambda v: [float(t) for t in v.split(",")], default=[], help="more thresholds to time")
+    args = parser.parse_args()
+    out = args.out.open("a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        out.write(line + "\n")
+        out.flush()
+
+    loaded = load_model(args.model)
+    prepared = load_prepared(args.prepared)
+    T = loaded.temperature
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    log(f"=== bench/adaptive_views.py {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: {args.model} "
+        f"({len(loaded.classes)} classes, T {T:.3f}), {torch.get_num_threads()} thread(s)")
+    rows: dict[str, dict[float, tuple[float, float]]] = {}
+    for split in ("val", "test") if args.chosen is None else ():
+        idx = prepared.split_indices(split)
+        images, labels = np.asarray(prepared.images[idx]), prepared.labels(idx)
+        views = view_logits(loaded.model, images, args.batch)  # (8, N, K)
+        full = float((views.mean(0).argmax(1) == labels).mean())
+        one = float((views[0].argmax(1) == labels).mean())
+        rows[split] = {}
+        log(f"{split} ({len(labels)} images): 8-view top-1 {full:.4f}, one view {one:.4f}")
+        log(f"  {'threshold':>9} {'top-1':>7} {'vs 8-view':>9} {'8-view share':>12}")
+        for t in thresholds:
+            logits, more = policy(views, T, t)
+            acc = float((logits.argmax(1) == labels).mean())
+            rows[split][t] = (acc - full, float(more.mean()))
+            log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f}")
+    if args.chosen is not None:
+        chosen = args.chosen
+        log(f"threshold given: {chosen:g} (accuracy table not recomputed)")
+    else:
+        chosen = min((t for t in thresholds if rows["val"][t][0] >= -args.tolerance), default=1.0)
+        log(f"chosen on val (smallest threshold within {args.tolerance} of the 8-view top-1): {chosen:g}; "
+            f"test: {rows['test'][chosen][0]:+.4f} top-1 vs 8 views, {rows['test'][chosen][1]:.3f} of images take all eight")
+    test = np.asarray(prepared.images[prepared.split_indices("test")])[: args.time_images]
+    model = loaded.model
+    card = json.loads((args.model / "config.json").read_text())
+    unknown = load_unknown(args.model, card.get("unknown"))
+
+    def screened(tta: bool, t: float) -> None:
+        out = screen_outputs(model, test, args.batch, "cpu", T, tta, t)
+        if unknown is not None:
+            unknown(out.logits, out.features)  # the unknown score, as predict computes it
+
+    screened(True, chosen)  # warm-up
+    runs = {"8 views, logits only (before)": lambda: predict_logits(model, test, args.batch, "cpu", tta=True),
+            "8 views + unknown score": lambda: screened(True, 1.0),
+            f"adaptive {chosen:g} + unknown score": lambda: screened(True, chosen),
+            "one view + unknown score": lambda: screened(False, 1.0)}
+    for extra in args.also:
+        runs[f"adaptive {extra:g} + unknown score"] = lambda extra=extra: screened(True, extra)
+    seconds = {name: float("inf") for name in runs}
+    for _ in range(args.repeats):  # interleaved rounds, the best of each: a shared machine's load moves
+        for name, fn in runs.items():
+            seconds[name] = min(seconds[name], timed(fn))
+    base = seconds["8 views, logits only (before)"]
+    log(f"forward throughput on {len(test)} test images (model only, no decoding; best of {args.repeats} interleaved rounds; "
+        f"unknown score: {None if unknown is None else unknown.score}):")
+    for name, s in seconds.items():
+        log(f"  {name:<30} {len(test) / s:8.1f} img/s   {base / s:5.2f}x the speed before (8 views, no features)")
+
+
+if __name__ == "__main__":
+    main()
