@@ -164,3 +164,23 @@ def test_margin_terms_sum_to_the_logit_margin_and_flatness(make_config):
     assert margin_terms(build_model(make_config({"hnf.layers": 1, "hnf.dim": 16, "data.image_size": 32, "fusion.text": False}),
                                     CLASSES, None), images, calls) is None
     np.testing.assert_allclose(attention_flatness(np.array([[0.25] * 4, [1.0, 0, 0, 0]])), [1.0, 0.0], atol=1e-9)
+
+
+def test_margin_terms_follow_the_views_of_the_call(make_config):
+    from multifusion.inference.call_terms import margin_terms
+    from multifusion.text.features import random_text_features
+
+    cfg = make_config({"hnf.layers": 2, "hnf.dim": 16, "data.image_size": 32, "fusion.text": True, "fusion.mode": "mha"})
+    torch.manual_seed(1)
+    text = random_text_features(CLASSES, ["morphology", "distinguish"], length=4, dim=cfg.text.hidden)
+    model = build_model(cfg, CLASSES, text).eval()
+    images = np.random.default_rng(3).integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    views = np.array([8, 1, 8, 1])
+    out = screen_outputs(model, images, 4, "cpu", 1.0, True, 1.0)  # all eight: the averaged logits
+    one = predict_logits(model, images, 4, "cpu")
+    logits = np.where(views[:, None] == 8, out.logits, one)  # what an adaptive call averaged
+    calls = logits.argmax(1)
+    parts = margin_terms(model, images, calls, "cpu", views)
+    runner = np.argsort(-logits, 1)[:, 1]
+    np.testing.assert_allclose(parts.margin, logits[np.arange(4), calls] - logits[np.arange(4), runner], rtol=1e-4, atol=1e-5)
+    assert (parts.margin >= 0).all()  # the call is the top of the logits its terms come from

@@ -8,8 +8,12 @@ class's mean description). The call beats the runner-up class by
 ``term[call] - term[runner-up]``, so each term's part says how much it pushed this call
 over the next class (negative: it argued for the runner-up).
 
-    parts = margin_terms(model, images_u8, calls, device)   # None without the cross-modal head
+    parts = margin_terms(model, images_u8, calls, device, views)   # None without the cross-modal head
     parts.terms (B, 3)  parts.runner_up (B,)  parts.margin (B,)
+
+The terms are averaged over the views the call averaged (``views``: 1 = the identity view,
+8 = the dihedral views, as :mod:`multifusion.inference.views` decided per image), so they sum
+to the margin of the very logits behind the call.
 
 The description attention (visual-to-text weights over all T descriptions) is listed only
 where it is not flat: :func:`attention_flatness` is its entropy over log T (1 = uniform).
@@ -24,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from multifusion.data.dataset import to_model_input
+from multifusion.evaluation.evaluate import dihedral_views
 
 TERMS = ("visual", "descriptions", "prototypes")
 FLAT = 0.95  # normalised attention entropy at or above which the attention is called flat
@@ -37,9 +42,12 @@ class MarginTerms:
 
 
 @torch.no_grad()
-def margin_terms(model: nn.Module, images_u8: np.ndarray, calls: np.ndarray, device: str | torch.device = "cpu") -> MarginTerms | None:
-    """uint8 images (B, S, S), called classes (B,) -> the margin's split over the head's terms on
-    the identity view; None for a model without the cross-modal head's ``logit_terms``."""
+def margin_terms(
+    model: nn.Module, images_u8: np.ndarray, calls: np.ndarray, device: str | torch.device = "cpu", views: np.ndarray | None = None
+) -> MarginTerms | None:
+    """uint8 images (B, S, S), called classes (B,), views (B,) of 1 or 8 (None: 1) -> the
+    margin's split over the head's terms, averaged over those views; None for a model
+    without the cross-modal head's ``logit_terms``."""
     head = getattr(model, "head", None)
     if not callable(getattr(head, "logit_terms", None)) or not callable(getattr(model, "text_embeddings", None)):
         return None
@@ -47,8 +55,17 @@ def margin_terms(model: nn.Module, images_u8: np.ndarray, calls: np.ndarray, dev
     model.eval()
     try:
         x = to_model_input(np.asarray(images_u8)).to(device)  # (B, 1, S, S)
-        parts = head.logit_terms(model.forward_features(x), model.text_embeddings())
-        stacked = torch.stack([parts[name].float() for name in TERMS], dim=-1).cpu()  # (B, K, 3)
+        text = model.text_embeddings()  # (T, C)
+
+        def terms_of(v: torch.Tensor) -> torch.Tensor:  # (b, 1, S, S) -> (b, K, 3)
+            parts = head.logit_terms(model.forward_features(v), text)
+            return torch.stack([parts[name].float() for name in TERMS], dim=-1).cpu()
+
+        stacked = terms_of(x)  # (B, K, 3)
+        more = torch.nonzero(torch.as_tensor(np.asarray(views) > 1)).flatten() if views is not None else torch.zeros(0, dtype=torch.long)
+        if len(more):  # the images whose call averaged the 8 dihedral views
+            summed = stacked[more] + sum(terms_of(v) for v in dihedral_views(x[more.to(x.device)])[1:])
+            stacked[more] = summed / 8.0
     finally:
         model.train(was_training)
     rows = torch.arange(len(stacked))

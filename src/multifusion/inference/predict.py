@@ -275,11 +275,13 @@ def screening_for(model_dir: str | Path, loaded: LoadedModel, target_accuracy: f
     return Screening(unknown, abstain_below, single_view_confidence)
 
 
-def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str, screening: Screening) -> tuple[np.ndarray, list[dict]]:
-    """uint8 images (B, S, S) -> (calibrated probabilities (B, C), per image {ood_score, unknown, abstained})."""
+def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str,
+                  screening: Screening) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """uint8 images (B, S, S) -> (calibrated probabilities (B, C), per image {ood_score, unknown,
+    abstained}, views averaged (B,))."""
     out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.single_view_confidence)
     probs = softmax(out.logits, loaded.temperature)  # (B, C)
-    return probs, screening.columns(probs, out.logits, out.features)
+    return probs, screening.columns(probs, out.logits, out.features), out.views
 
 
 class LeastCertain:
@@ -340,10 +342,10 @@ def predict_paths(
     bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress)
     for batch in decode_batches(items, loaded.input, batch_size, 0 if workers is None else workers):
         good = [i for i, (_, image, _) in enumerate(batch) if image is not None]
-        probs, extra = np.zeros((0, len(classes))), []
+        probs, extra, views = np.zeros((0, len(classes))), [], np.zeros(0, dtype=np.int64)
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
-            probs, extra = screen_images(loaded, images, batch_size, device, screening)  # (B, C), B dicts
+            probs, extra, views = screen_images(loaded, images, batch_size, device, screening)  # (B, C), B dicts, (B,)
         prob_of, extra_of = dict(zip(good, probs)), dict(zip(good, extra))
         for i, (path, image, reason) in enumerate(batch):
             if image is None:  # class/prob columns stay empty; an unreadable file is never `unknown`
@@ -355,7 +357,7 @@ def predict_paths(
             rows.append(ranked_row(path, p, order, classes, uncertain_threshold) | extra_of[i])
             least_certain.add(len(rows), SheetEntry(str(path), image, [(str(classes[c]), float(p[c])) for c in order]))
         if page is not None:
-            page.add_batch(batch, good, rows[-len(batch):], probs, device)
+            page.add_batch(batch, good, rows[-len(batch):], probs, device, views)
         bar.update(len(batch))
     bar.close()
     return write_outputs(rows, k, least_certain.entries(), out_csv, contact_sheet, page)

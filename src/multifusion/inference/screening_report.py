@@ -134,15 +134,16 @@ class ScreeningReport:
         self._rows = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
 
     def add_batch(self, batch: list[tuple[Path, np.ndarray | None, str | None]], good: list[int], csv_rows: list[dict],
-                  probs: np.ndarray, device: str) -> None:
+                  probs: np.ndarray, device: str, views: np.ndarray | None = None) -> None:
         """One decoded batch: ``good`` indexes its readable images, ``probs`` (len(good), C) their
-        calibrated probabilities, ``csv_rows`` its rows as written to the CSV."""
+        calibrated probabilities, ``csv_rows`` its rows as written to the CSV, ``views``
+        (len(good),) how many views each call averaged (None: one)."""
         explained = {}
         if good:
             images = np.stack([batch[i][1] for i in good])  # (B, S, S) uint8
             calls = probs.argmax(axis=1)  # (B,)
             maps = self.explainer.explain(images, calls, device)
-            parts = margin_terms(self.explainer.model, images, calls, device)  # None without the cross-modal head
+            parts = margin_terms(self.explainer.model, images, calls, device, views)  # None without the cross-modal head
             flatness = None if maps.attention is None else attention_flatness(maps.attention)  # (B,)
             self.method = maps.method
             for j, i in enumerate(good):
@@ -202,7 +203,7 @@ class ScreeningReport:
                  "input-gradient": "gradient x input saliency"}.get(self.method, "")
         attended = ("the call's logit margin over the runner-up class, split into the head's terms (visual: the classifier "
                     "on the image tokens; descriptions: the called class's description match; prototypes: the similarity to "
-                    "its mean description), on the identity view; the most attended descriptions are listed only where "
+                    "its mean description), over the views the call averaged; the most attended descriptions are listed only where "
                     f"the image-to-description attention is not flat (entropy below {FLAT:g} of its maximum; "
                     f"{c['flat']} of {c['ok']} images here are flat: near-equal weights on every description, from which a "
                     "list would name descriptions the call did not use)" if self.text else "no text terms in this model")
