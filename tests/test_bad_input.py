@@ -754,6 +754,7 @@ def test_ctrl_c_during_parallel_work_is_one_line_and_no_worker_traceback(tmp_pat
         "from multifusion.core.json_files import write_json\n"
         "from multifusion.data.parallel import parallel_map\n"
         "def slow(i):\n"
+        f"    open({str(tmp_path / 'busy')!r}, 'a').close()\n"
         "    time.sleep(0.05)\n"
         "    return i\n"
         "def main():\n"
@@ -767,7 +768,10 @@ def test_ctrl_c_during_parallel_work_is_one_line_and_no_worker_traceback(tmp_pat
     proc = subprocess.Popen([PY, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     assert proc.stdout.readline().strip() == "started"
-    time.sleep(1.0)  # the workers are busy
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "busy").exists() and time.monotonic() < deadline:  # the workers are busy
+        time.sleep(0.05)
+    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
