@@ -184,3 +184,29 @@ def test_margin_terms_follow_the_views_of_the_call(make_config):
     runner = np.argsort(-logits, 1)[:, 1]
     np.testing.assert_allclose(parts.margin, logits[np.arange(4), calls] - logits[np.arange(4), runner], rtol=1e-4, atol=1e-5)
     assert (parts.margin >= 0).all()  # the call is the top of the logits its terms come from
+
+
+def test_train_fits_and_saves_the_unknown_score_with_the_model(make_config, make_prepared, tmp_path):
+    from multifusion.data.dataset import load_prepared
+    from multifusion.evaluation.ood import load_unknown
+    from multifusion.training.train import fit
+
+    prepared = make_prepared(per_class={"train": 8, "val": 7, "test": 2})
+    cfg = make_config({"data.image_size": 16, "hnf.stem": "conv", "hnf.layers": 1, "hnf.dim": 16, "fusion.text": False,
+                       "train.batch_size": 8, "train.epochs": 1, "ood.score": "mahalanobis", "ood.keep_rate": 0.9})
+    torch.manual_seed(0)
+    classes = load_prepared(prepared).classes
+    fit(build_model(cfg, classes, None), cfg, prepared, tmp_path / "model", tmp_path / "ck", tmp_path / "live", "hnf")
+    loaded = load_model(tmp_path / "model")
+    entry = loaded.unknown
+    assert entry["score"] == "mahalanobis" and entry["keep_rate"] == 0.9 and entry["n_val"] == 21
+    assert entry["tensors"]["shapes"] == {"means": [3, 32], "precision": [32, 32]}  # (1 HNF layer + the global token) x 16
+    assert entry["views"] == {"tta": cfg.evaluate.tta, "single_view_confidence": cfg.predict.single_view_confidence}
+    assert entry["selective"]["n"] == 21 and entry["selective"]["coverage"][-1] == 1.0
+    fitted = load_unknown(tmp_path / "model", entry)
+    data = load_prepared(prepared)
+    val = np.asarray(data.images[data.split_indices("val")])
+    # another batch size than train's: float noise of ~1e-6, which the midway threshold absorbs
+    out = screen_outputs(loaded.model, val, 8, "cpu", loaded.temperature, cfg.evaluate.tta, cfg.predict.single_view_confidence)
+    kept = (~fitted.flags(fitted(out.logits, out.features))).mean()
+    assert kept >= 0.9 and 1 - kept == pytest.approx(entry["val_unknown_fraction"])  # the documented keep rate on val

@@ -157,15 +157,17 @@ class UnknownScore:
 
 
 def keep_threshold(val_scores: np.ndarray, keep_rate: float) -> float:
-    """The smallest threshold t with at least ``keep_rate`` of ``val_scores`` (N,) at or below t
-    (the ceil(keep_rate * N)-th smallest score; +inf when keep_rate is 1 would need none)."""
+    """A threshold t with at least ``keep_rate`` of ``val_scores`` (N,) at or below it and no
+    more than needed: midway between the ceil(keep_rate * N)-th smallest score and the next
+    (so that float noise of 1e-6 between two runs of the same model flips no val image; the
+    largest score when every image is kept)."""
     scores = np.sort(np.asarray(val_scores, dtype=np.float64))
     if len(scores) == 0:
         raise ValueError("keep_threshold: no val scores; the val split must hold images (check data.split)")
     if not 0.0 < keep_rate <= 1.0:
         raise ValueError(f"ood.keep_rate must be in (0, 1], got {keep_rate}")
     rank = max(1, math.ceil(keep_rate * len(scores) - 1e-9))  # images kept, at least
-    return float(scores[rank - 1])
+    return float(scores[rank - 1] if rank == len(scores) else (scores[rank - 1] + scores[rank]) / 2)
 
 
 def fit_unknown(
