@@ -177,7 +177,7 @@ def pretrain_trunk(images: np.ndarray, cfg: Config, log: Log | None = None, max_
     total = steps_per_epoch * pretrain.epochs if max_steps is None else max_steps
     optimizer = adamw(model, pretrain)  # reads .lr and .weight_decay; no decay on biases and norms
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(min(pretrain.warmup_epochs * steps_per_epoch, total // 2), total))
-    data = torch.from_numpy(np.ascontiguousarray(images))  # (N, S, S) uint8
+    data = torch.from_numpy(np.array(images))  # (N, S, S) uint8, a writable copy (images may be a read-only mmap)
     result, step, started = PretrainResult(stem=model.encoder.stem), 0, time.perf_counter()
     model.train()
     for epoch in range(pretrain.epochs if max_steps is None else 10**9):
