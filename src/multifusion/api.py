@@ -61,14 +61,18 @@ class Classifier:
         uncertain_threshold: float = 0.5,
         batch_size: int = 64,
         workers: int | None = None,
+        single_view_confidence: float = 0.9,
+        target_accuracy: float | None = None,
     ) -> pd.DataFrame:
         """Classify the micrographs named by ``paths`` (files, folders walked recursively, glob patterns).
 
         Returns one row per input file, in input order, with the columns of
         ``multifusion predict``'s CSV: ``path``, ``status`` (``ok`` | ``error``),
         ``top1_class``, ``top1_prob`` ... ``topK_class``, ``topK_prob``, ``uncertain`` (top-1
-        probability below ``uncertain_threshold``) and ``error`` (why a file could not be
-        read), plus any score columns the screening adds. The defaults are those of
+        probability below ``uncertain_threshold``), ``ood_score`` and ``unknown`` (the model's
+        unknown-material score and its threshold), ``abstained`` (with ``target_accuracy``:
+        below the val risk-coverage curve's confidence for it) and ``error`` (why a file could
+        not be read). ``single_view_confidence``: adaptive views (1.0: all eight everywhere). The defaults are those of
         ``params.yaml``'s ``predict`` section (a test keeps them equal); a call does not
         read ``params.yaml``. ``workers``: decoding processes (None: every core).
         """
@@ -84,6 +88,8 @@ class Classifier:
             device=self.device,
             workers=workers,
             progress=False,
+            single_view_confidence=single_view_confidence,
+            target_accuracy=target_accuracy,
         )
         return result.table
 
