@@ -9,7 +9,9 @@ model's data section: grey, info-bar crop, square, resize) and normalise with
 ``to_model_input``. The peer is the simplest loop a user would write: decode one file at a
 time, then one batched forward pass of engineer F's plain-PyTorch ResNet-18. The model is
 ``--model`` if it exists, else an untrained HNF built from params.yaml (throughput does
-not depend on the weights). Prints a table with images/s and the ratio to the peer; with
+not depend on the weights, except through adaptive views: ``predict`` runs with
+``predict.single_view_confidence``, and an untrained model, never confident, takes all
+eight views on every image: pass a trained ``--model`` to measure the adaptive policy). Prints a table with images/s and the ratio to the peer; with
 ``--report`` also the time of ``predict --report`` over plain ``predict`` (target: <= 2).
 """
 
@@ -116,7 +118,8 @@ def main() -> None:
             resnet_loop(resnet, paths[:batch], policy, batch, device)
             peer_s = timed(lambda: resnet_loop(resnet, paths, policy, batch, device))
             ours_s = timed(lambda: predict_paths(model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5,
-                                                 batch_size=batch, device=device, progress=False))
+                                                 batch_size=batch, device=device, progress=False,
+                                                 single_view_confidence=cfg.predict.single_view_confidence))
             hnf_fwd = timed(lambda: predict_probs(hnf.model, images, batch, device))
             with torch.no_grad():
                 res_fwd = timed(lambda: [resnet(to_model_input(images[i : i + batch]).to(device)).cpu()
@@ -124,7 +127,8 @@ def main() -> None:
             rows += [
                 ("ResNet-18 plain loop (peer)", device, args.n / peer_s, 1.0),
                 ("multifusion predict (library)", device, args.n / ours_s, peer_s / ours_s),
-                *(report_rows(model_dir, folder, tmp_path, batch, device, args.n, peer_s, args.rounds) if args.report else []),
+                *(report_rows(model_dir, folder, tmp_path, batch, device, args.n, peer_s, args.rounds,
+                              cfg.predict.single_view_confidence) if args.report else []),
                 ("  forward only: HNF", device, args.n / hnf_fwd, None),
                 ("  forward only: ResNet-18", device, args.n / res_fwd, None),
             ]
@@ -141,14 +145,16 @@ def main() -> None:
         print(f"{name:44s} {device:6s} {'' if rate is None else f'{rate:10.1f}':>10s} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")
 
 
-def report_rows(model_dir: Path, folder: Path, tmp_path: Path, batch: int, device: str, n: int, peer_s: float, rounds: int) -> list:
+def report_rows(model_dir: Path, folder: Path, tmp_path: Path, batch: int, device: str, n: int, peer_s: float, rounds: int,
+                single_view_confidence: float) -> list:
     """Rows for `predict --report`: its rate, and in the ratio column its time over plain
     predict's, each the best of ``rounds`` runs taken alternately (a busy machine skews one
     run); also the ratio of the CPU time the process used (all threads), which other
     processes on a busy machine disturb far less than wall time."""
     page = tmp_path / "report.html"
     run = lambda **kw: predict_paths(model_dir, [folder], tmp_path / "r.csv", top_k=3, uncertain_threshold=0.5,  # noqa: E731
-                                     batch_size=batch, device=device, progress=False, **kw)
+                                     batch_size=batch, device=device, progress=False,
+                                     single_view_confidence=single_view_confidence, **kw)
     plain, report = [float("inf")] * 2, [float("inf")] * 2  # (wall s, cpu s)
     for _ in range(rounds):
         plain = [min(a, b) for a, b in zip(plain, timed_both(run))]
