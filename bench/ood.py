@@ -94,7 +94,7 @@ def split_of(prepared: Prepared, split: str) -> Split:
 
 
 def score_table(model: torch.nn.Module, cfg: Config, temperature: float, prepared: Prepared,
-                unknown_sets: dict[str, np.ndarray], log) -> list[dict]:
+                unknown_sets: dict[str, np.ndarray], log, knn_ks: list[int] = ()) -> list[dict]:
     """Every score of ``model``: its in-distribution test split against each of ``unknown_sets``
     (case name -> uint8 images (N, S, S)); logs and returns the rows."""
     t0 = time.perf_counter()
@@ -108,6 +108,10 @@ def score_table(model: torch.nn.Module, cfg: Config, temperature: float, prepare
     fits = {score: fit_unknown(score, cfg.ood.keep_rate, torch.from_numpy(tr.features), torch.from_numpy(train.labels),
                                len(prepared.classes), torch.from_numpy(va.logits), torch.from_numpy(va.features),
                                temperature, cfg.ood.knn_k) for score in OOD_SCORES}
+    for k in knn_ks:  # the kNN score at other neighbours (--knn-ks)
+        fits[f"knn@{k}"] = fit_unknown("knn", cfg.ood.keep_rate, torch.from_numpy(tr.features), torch.from_numpy(train.labels),
+                                       len(prepared.classes), torch.from_numpy(va.logits), torch.from_numpy(va.features),
+                                       temperature, k)
     rows = []
     for name, un in unknown.items():
         log(f"{name} ({len(un.logits)} unknown images)")
@@ -132,6 +136,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", default="h1,syn,h2,h3,ncm", help="which models, in order (h1..h3: the holdouts)")
     parser.add_argument("--tta", type=int, choices=(0, 1), default=1, help="evaluate.tta for the bench (0: one view, 8x cheaper)")
+    parser.add_argument("--knn-ks", type=lambda v: [int(k) for k in v.split(",")], default=[],
+                        help="also score kNN at these k (rows knn@k); a rerun on the same --work resumes the trained models")
     args = parser.parse_args()
     out = args.out.open("a")
 
@@ -156,10 +162,12 @@ def main() -> None:
         syn_test = split_of(syn, "test").images
         if case == "ncm":
             model, t = train_model(cfg_ncm, ncm_dir, text_ncm, work)
-            rows = score_table(model, cfg_ncm, t, ncm, {"far: NCM model (11 classes) vs synthetic test": syn_test}, log)
+            rows = score_table(model, cfg_ncm, t, ncm, {"far: NCM model (11 classes) vs synthetic test": syn_test}, log,
+                               args.knn_ks)
         elif case == "syn":
             model, t = train_model(cfg_syn, syn_dir, TextFeatures.load(args.syn / "data/text_features"), work)
-            rows = score_table(model, cfg_syn, t, syn, {"far: synthetic model (10 classes) vs NCM test": split_of(ncm, "test").images}, log)
+            rows = score_table(model, cfg_syn, t, syn, {"far: synthetic model (10 classes) vs NCM test": split_of(ncm, "test").images}, log,
+                               args.knn_ks)
         else:
             drop = HOLDOUTS[int(case[1:]) - 1]
             kept = subset_prepared(ncm_dir, work / "prepared", drop)
@@ -167,13 +175,13 @@ def main() -> None:
             held = ncm.manifest["class_name"].isin(drop).to_numpy()
             rows = score_table(model, cfg_ncm, t, load_prepared(work / "prepared"), {
                 f"near: NCM without {' + '.join(drop)} (all their images)": np.asarray(ncm.images)[held],
-                f"far: NCM model without {' + '.join(drop)} vs synthetic test": syn_test}, log)
+                f"far: NCM model without {' + '.join(drop)} vs synthetic test": syn_test}, log, args.knn_ks)
         log(f"  ({case}: {time.perf_counter() - started:.0f} s with training)")
         all_rows += rows
         (args.work / "rows.json").write_text(json.dumps(all_rows, indent=1))
     log("\nsummary (mean over the cases of each kind)")
     log(f"{'score':<12} {'near AUROC':>10} {'near FPR95':>10} {'far AUROC':>10} {'far FPR95':>10}")
-    for score in OOD_SCORES:
+    for score in [*OOD_SCORES, *(f"knn@{k}" for k in args.knn_ks)]:
         cells = []
         for kind in ("near", "far"):
             rs = [r for r in all_rows if r["score"] == score and r["case"].startswith(kind)]
