@@ -100,6 +100,7 @@ class Classifier:
         *,
         size: int = 512,
         target: str | None = None,
+        single_view_confidence: float = 0.9,
     ) -> pd.DataFrame:
         """Write one explanation overlay PNG per readable input into the folder ``out``
         (Grad-CAM of the predicted class, or of ``target``, over the micrograph as the model
@@ -107,11 +108,13 @@ class Classifier:
 
         Returns the CSV's rows as a DataFrame: ``path``, ``overlay`` (file name in ``out``),
         ``class``, ``probability``, ``method``, ``attended`` (the most attended class
-        descriptions) and ``error``.
+        descriptions) and ``error``. ``single_view_confidence``: the views of :meth:`predict`,
+        so that the class and probability are the ones ``predict`` gives.
         """
         from multifusion.inference.overlays import COLUMNS, explain_paths
 
-        rows = explain_paths(self.path, _as_list(paths), out, size=size, target=target, device=self.device)
+        rows = explain_paths(self.path, _as_list(paths), out, size=size, target=target, device=self.device,
+                             single_view_confidence=single_view_confidence)
         return pd.DataFrame(rows, columns=COLUMNS)
 
 

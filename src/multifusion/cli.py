@@ -176,10 +176,12 @@ def explain(
     """
     from multifusion.core.atomic import mark
     from multifusion.inference.overlays import explain_paths
+    from multifusion.inference.predict import predict_settings
 
     since = mark()
     try:
-        rows = explain_paths(model, paths, out, size=size, target=target, device=device)
+        views = predict_settings(model, None).single_view_confidence  # predict's views, so the call is predict's
+        rows = explain_paths(model, paths, out, size=size, target=target, device=device, single_view_confidence=views)
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt:
