@@ -70,6 +70,7 @@ def test_fit_saves_the_validation_temperature(make_prepared, make_config, tmp_pa
     cfg = make_config({"data.image_size": 16, "hnf.stem": "conv", "train.epochs": 2, "train.batch_size": 8})
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
+    model.architecture = {"name": "linear", "args": {}}  # the card's record of this test-only model
     model = fit(model, cfg, prepared_dir, tmp_path / "m", tmp_path / "ck", tmp_path / "live", "linear")
     prepared = load_prepared(prepared_dir)
     val = prepared.split_indices("val")

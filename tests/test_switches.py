@@ -146,6 +146,7 @@ def fit_linear(make_config, prepared, out, overrides: dict, weight_std: float = 
     the same for every image, so the logged train loss does not depend on the batch order."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 3))
+    model.architecture = {"name": "linear", "args": {}}  # the card's record of this test-only model
     with torch.no_grad():
         model[1].weight.normal_(0, weight_std)
         model[1].bias.copy_(torch.tensor([1.5, -0.5, 0.25]))

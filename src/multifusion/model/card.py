@@ -36,6 +36,7 @@ import torch.nn as nn
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from multifusion.core.atomic import atomic_path
 from multifusion.core.config import Config
 from multifusion.core.errors import one_line
 from multifusion.core.json_files import write_json
@@ -126,12 +127,8 @@ def save_model(
         raise ValueError(f"{type(model).__name__} was not built by multifusion.model.create_model; its card cannot say how to rebuild it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS}.tmp"
-    try:
+    with atomic_path(out_dir / WEIGHTS) as tmp:
         st_save_model(model, str(tmp))
-        tmp.replace(out_dir / WEIGHTS)
-    finally:
-        tmp.unlink(missing_ok=True)
     card = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
