@@ -321,3 +321,58 @@ def test_low_label_set_keeps_val_and_test_image_for_image(make_prepared, tmp_pat
     np.testing.assert_array_equal(np.asarray(small.images), np.asarray(full.images)[[rows[i] for i in small.manifest.id]])
     assert write_low_label(source, tmp_path / "again", per_class=1, seed=0) == counts
     assert load_prepared(tmp_path / "again").manifest.id.tolist() == small.manifest.id.tolist()
+
+
+def test_the_comparison_runs_every_model_and_seed_at_each_k(tmp_path):
+    """compare.labels_per_class: DVC expands a subset stage per k, a comparison run per model, seed
+    and k on that subset (its own outputs), and a page per k; none of them by default."""
+    from dvc.repo import Repo
+
+    def comparison_stages(overrides: dict) -> dict:
+        root = tmp_path / str(len(list(tmp_path.iterdir())))
+        (root / "comparison").mkdir(parents=True)
+        shutil.copy(REPO / "comparison" / "dvc.yaml", root / "comparison" / "dvc.yaml")
+        write_params(root / "params.yaml", overrides)
+        Repo.init(root, no_scm=True)
+        with Repo(root) as repo:
+            return {s.name: s for s in repo.index.stages if s.path_in_repo == "comparison/dvc.yaml"}
+
+    default = comparison_stages({})
+    assert not [name for name in default if "low_label" in name]  # [] by default: the comparison as it was
+    stages = comparison_stages({"compare.models": ["multifusion", "resnet18"], "compare.seeds": [42, 7],
+                                "compare.labels_per_class": [10, 25]})
+    low = {name for name in stages if "low_label" in name}
+    assert low == ({f"low_label@{k}" for k in (10, 25)} | {f"report_low_label@{k}" for k in (10, 25)}
+                   | {f"compare_low_label@{m}-{s}-{k}" for m in ("multifusion", "resnet18") for s in (42, 7) for k in (10, 25)})
+    run = stages["compare_low_label@resnet18-7-10"]
+    assert "--model resnet18 --seed 7 --prepared data/low_label/k10 " in run.cmd
+    assert "data/low_label/k10" in {str(Path(d.def_path)) for d in run.deps}
+    outs = {str(Path(o.def_path)) for o in run.outs}
+    assert {"models/compare_low_label/k10/resnet18/seed7", "metrics/compare_low_label/k10/resnet18/seed7.json"} <= outs
+    assert not outs & {str(Path(o.def_path)) for o in stages["compare@resnet18-7"].outs}  # the full-label run keeps its own
+    assert "--per-class 25 " in stages["low_label@25"].cmd
+    assert str(Path(stages["report_low_label@25"].outs[0].def_path)).endswith("labels_k25.md")
+
+
+def test_low_label_and_report_stages(make_prepared, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    params = write_params(work / "params.yaml", {"compare.models": ["multifusion", "resnet18"], "compare.seeds": [42],
+                                                 "compare.labels_per_class": [1]})
+    source = make_prepared(per_class={"train": 6, "val": 2, "test": 3}, classes=3)
+    done = run_stage("low_label.py", work, "--prepared", str(source), "--per-class", "1", "--out", "data/low_label/k1",
+                     "--params", str(params))
+    assert done.returncode == 0, done.stderr
+    assert pd.read_parquet(work / "data/low_label/k1/manifest.parquet")["split"].value_counts().to_dict() == {"test": 9, "val": 6, "train": 3}
+    metrics = {"top1": 0.5, "top2": 0.6, "top3": 0.7, "top5": 0.8, "macro_precision": 0.5, "macro_recall": 0.5, "macro_f1": 0.4, "n": 4}
+    for name, preds in (("multifusion", [0, 1, 2, 0]), ("resnet18", [0, 1, 1, 1])):
+        (work / "m" / name).mkdir(parents=True)
+        (work / "m" / name / "seed42.json").write_text(json.dumps({**metrics, "model": name}))
+        (work / "p" / name / "seed42").mkdir(parents=True)
+        pd.DataFrame({"actual": [0, 1, 2, 0], "predicted": preds}).to_csv(work / "p" / name / "seed42" / "confusion.csv", index=False)
+    done = run_stage("report_low_label.py", work, "--per-class", "1", "--compare", "m", "--compare-plots", "p",
+                     "--out", "reports/x/labels_k1.md", "--params", str(params))
+    assert done.returncode == 0, done.stderr
+    page = (work / "reports/x/labels_k1.md").read_text()
+    assert page.startswith("# 1 labelled groups per class") and "(4 images)" in page
+    assert "| seed 42: top-1 / macro F1 |" in page and "0.500 / 0.400" in page

@@ -219,6 +219,8 @@ class CompareConfig:
     recipes: dict[str, dict[str, Any]]         # model name -> dotted train.* overrides (its optimiser recipe)
     robustness: bool
     seeds: list[int]                           # training seeds crossed with every model (the comparison's matrix)
+    labels_per_class: list[int]                # low-label runs: k labelled groups per class, crossed with models and seeds ([]: none)
+    label_draw: int                            # seed of the low-label draw (the same labels for every model and training seed)
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,9 @@ RULES: dict[str, Check] = {
     "robustness.zoom_in": at_least(1.0), "robustness.zoom_out": in_range(0.0, 1.0, low_open=True),
     "robustness.info_bar": in_range(0.0, 1.0, high_open=True),
     "compare.models": NON_EMPTY,
+    "compare.labels_per_class": Check(lambda v: len(set(v)) == len(v) and all(k >= 1 for k in v),
+                                      "a list of distinct k >= 1, e.g. [10, 25], or [] for none", [0], whole_list=True),
+    "compare.label_draw": at_least(0),
     "compare.seeds": Check(lambda v: len(v) > 0 and len(set(v)) == len(v) and all(s >= 0 for s in v),
                            "a non-empty list of distinct seeds >= 0, e.g. [42, 43, 44] or [42]", [42, 42], whole_list=True),
 }
