@@ -165,3 +165,16 @@ def test_docs_name_no_machine_paths() -> None:
     for page in sorted((ROOT / "docs").glob("*.md")):
         found = re.findall(r"/work/\S*|/home/\S*", page.read_text())
         assert not found, f"{page.relative_to(ROOT)}: machine-specific paths {found}"
+
+
+def test_version_lives_in_one_place() -> None:
+    import tomllib
+
+    import multifusion
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "multifusion.__version__"}
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.search(rf"^## \[{re.escape(multifusion.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, flags=re.M), \
+        "CHANGELOG.md has no section for the package's version"
