@@ -161,10 +161,13 @@ def test_cli_version_and_help_say_what_each_command_does() -> None:
     assert "Example: multifusion predict" in listing and all(c in listing for c in ("predict", "explain", "describe"))
 
 
-def test_docs_name_no_machine_paths() -> None:
+def test_docs_name_no_machine_paths_or_issue_numbers() -> None:
     for page in sorted((ROOT / "docs").glob("*.md")):
-        found = re.findall(r"/work/\S*|/home/\S*", page.read_text())
+        text = page.read_text()
+        found = re.findall(r"/work/\S*|/home/\S*", text)
         assert not found, f"{page.relative_to(ROOT)}: machine-specific paths {found}"
+        found = re.findall(r"\bissues? \d+", text, flags=re.I)
+        assert not found, f"{page.relative_to(ROOT)}: {found}: a reader has no issue tracker; say what it was"
 
 
 def test_version_lives_in_one_place() -> None:
