@@ -110,7 +110,8 @@ def test_generated_summary_is_the_reports_numbers(tmp_path: Path) -> None:
 
     summary = json.loads((ROOT / "reports/ncm/summary.json").read_text())
     mf = summary["multifusion"]
-    assert f"| **MultiFusion** |  | {mf['top1']:.3f} | {mf['macro_f1']:.3f} |" in readme_summary(ROOT / "reports")
+    row = next(line for line in readme_summary(ROOT / "reports").splitlines() if line.startswith("| **MultiFusion** |"))
+    assert f"| {mf['top1']:.3f}" in row and f"| {mf['macro_f1']:.3f}" in row, row
     for name in ("README.md", "reports", "plots", "metrics", "docs"):
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
     assert stale_files(tmp_path) == []
@@ -181,3 +182,27 @@ def test_version_lives_in_one_place() -> None:
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert re.search(rf"^## \[{re.escape(multifusion.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, flags=re.M), \
         "CHANGELOG.md has no section for the package's version"
+
+
+def test_summary_table_of_a_three_seed_report(tmp_path: Path) -> None:
+    """A report of the seeds axis: means ± std, the seed count, the paired counts summed over seeds;
+    the best baseline by top-1; the text and hierarchy ablations."""
+    import json
+
+    from multifusion.reporting.readme_tables import summary_table
+
+    def row(top1: float, f1: float, **more: float) -> dict:
+        return {"top1": top1, "top1_std": 0.01, "macro_f1": f1, "macro_f1_std": 0.02, "n_seeds": 3, **more}
+
+    set_dir = tmp_path / "toy"
+    set_dir.mkdir()
+    (set_dir / "results.md").write_text("# r\n\n- Dataset: `/data/toy` (test split: 50 images)\n- Date: 2026-12-07; machine: x\n")
+    paired = {"only_multifusion_right": 7, "only_model_right": 2, "mcnemar_p": 0.18}
+    (set_dir / "summary.json").write_text(json.dumps({
+        "multifusion": row(0.9, 0.8), "resnet18": row(0.7, 0.6, **paired), "vig": row(0.85, 0.75, **paired),
+        "mf_no_text": row(0.88, 0.79, **paired), "mf_single_scale": row(0.87, 0.78, **paired), "mf_concat": row(0.5, 0.4)}))
+    table = summary_table(set_dir)
+    assert "**`toy`**: 50 test images, 2026-12-07" in table and "/data" not in table
+    assert "| **MultiFusion** |  | 3 | 0.900 ± 0.010 | 0.800 ± 0.020 | – |" in table
+    assert "| ViG-Ti (isotropic) | best baseline | 3 | 0.850 ± 0.010 | 0.750 ± 0.020 | 7 / 2 (p = 0.18) |" in table
+    assert "w/o LLM text" in table and "w/o HNF" in table and "ResNet-18" not in table and "concat" not in table

@@ -130,8 +130,9 @@ def _test_images(results_md: str) -> str:
 
 def summary_table(set_dir: Path) -> str:
     """Markdown for one set, README-sized: MultiFusion, the best baseline, and the ablations
-    without the text and without the hierarchy, each with the test images only MultiFusion /
-    only that model gets right and the exact McNemar p."""
+    without the text and without the hierarchy, each with its score (the mean ± std over the
+    seeds when the report has several), the test images only MultiFusion / only that model
+    gets right (summed over the seeds) and the exact McNemar p."""
     summary = json.loads((set_dir / "summary.json").read_text())
     md = (set_dir / "results.md").read_text()
     rows = [(FULL, "")]
@@ -143,14 +144,22 @@ def summary_table(set_dir: Path) -> str:
         f"**`{set_dir.name}`**{_test_images(md)}, {_header_line(md, '- Date:').split(';')[0]}; "
         f"source [`reports/{set_dir.name}/results.md`](reports/{set_dir.name}/results.md).",
         "",
-        "| model | role | top-1 | macro F1 | test images only MultiFusion / only it gets right (McNemar p) |",
-        "|---|---|---|---|---|",
+        "| model | role | seeds | top-1 | macro F1 | test images only MultiFusion / only it gets right (McNemar p) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, role in rows:
         m = summary[name]
         label = f"**{LABELS.get(name, name)}**" if name == FULL else LABELS.get(name, name)
-        lines.append(f"| {label} | {role} | {m['top1']:.3f} | {m['macro_f1']:.3f} | {paired_cell(m)} |")
+        lines.append(f"| {label} | {role} | {int(m.get('n_seeds', 1))} | {_mean(m, 'top1')} | {_mean(m, 'macro_f1')} | "
+                     f"{paired_cell(m)} |")
     return "\n".join(lines)
+
+
+def _mean(m: dict, key: str) -> str:
+    """A score, or its mean over the seeds ± their standard deviation (a report of several seeds)."""
+    if m.get("n_seeds", 1) > 1 and f"{key}_std" in m:
+        return f"{m[key]:.3f} ± {m[key + '_std']:.3f}"
+    return f"{m[key]:.3f}"
 
 
 def readme_summary(reports_dir: Path) -> str:
