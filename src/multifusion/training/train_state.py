@@ -54,6 +54,7 @@ def run_fingerprint(cfg: Config, model_name: str, initial_state: dict[str, torch
     """What a checkpoint must match to be resumed: params that shape training, the model's
     initial weights, the data and the number of processes."""
     sections = {k: v for k, v in cfg.to_dict().items() if k in ("seed", "data", "hnf", "graph", "fusion", "train")}
+    sections["data"].pop("unlabeled")  # pretrain_image's input: it reaches training as the initial weights, hashed below
     payload = json.dumps(
         {"cfg": sections, "model_name": model_name, "data": data_key, "world_size": world_size}, sort_keys=True
     )
