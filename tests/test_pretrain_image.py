@@ -376,3 +376,15 @@ def test_low_label_and_report_stages(make_prepared, tmp_path):
     page = (work / "reports/x/labels_k1.md").read_text()
     assert page.startswith("# 1 labelled groups per class") and "(4 images)" in page
     assert "| seed 42: top-1 / macro F1 |" in page and "0.500 / 0.400" in page
+
+
+def test_data_unlabeled_leaves_trains_checkpoint_fingerprint_alone(make_config):
+    """pretrain_image's folder reaches train only as the initial weights (hashed in the fingerprint):
+    with the stage off, train's checkpoint keeps its bytes whatever data.unlabeled says."""
+    from multifusion.training.train_state import run_fingerprint
+
+    state = {"w": torch.ones(2)}
+    base = run_fingerprint(make_config(), "hnf", state, "data", 1)
+    assert run_fingerprint(make_config({"data.unlabeled": "/lab/unlabelled"}), "hnf", state, "data", 1) == base
+    assert run_fingerprint(make_config({"data.image_size": 32}), "hnf", state, "data", 1) != base
+    assert run_fingerprint(make_config(), "hnf", {"w": torch.zeros(2)}, "data", 1) != base  # another trunk: another run
