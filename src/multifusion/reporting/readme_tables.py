@@ -43,6 +43,8 @@ TEXT_ABLATION, HIERARCHY_ABLATION = "mf_no_text", "mf_single_scale"
 PIPELINE_FIGURES = {
     "plots/evaluate/confusion.png": "Confusion matrix of the default run's test split (`evaluate`)",
     "plots/robustness/accuracy_vs_severity.png": "Accuracy under the shifts of real micrographs, by severity (`robustness`)",
+    "plots/evaluate/risk_coverage.png": "Risk-coverage: the error of the calls kept as the least confident ones are "
+                                        "refused, test split (`evaluate`)",
 }
 SET_FIGURES = {"topk.png": "Top-k accuracy, every model", "ablation.png": "Ablations: macro precision / recall / F1"}
 
@@ -188,7 +190,8 @@ def eval_table(eval_json: Path) -> str:
     """The default run's test metrics (``metrics/eval.json``) as one markdown table."""
     m = json.loads(eval_json.read_text())
     keys = [("top1", "top-1"), ("top2", "top-2"), ("top3", "top-3"), ("top5", "top-5"), ("macro_precision", "macro P"),
-            ("macro_recall", "macro R"), ("macro_f1", "macro F1"), ("ece_uncalibrated", "ECE before T"), ("ece", "ECE after T")]
+            ("macro_recall", "macro R"), ("macro_f1", "macro F1"), ("ece_uncalibrated", "ECE before T"), ("ece", "ECE after T"),
+            ("aurc", "AURC"), ("coverage_at_0.99", "coverage at 99% accuracy"), ("coverage_at_0.95", "coverage at 95% accuracy")]
     keys = [(k, name) for k, name in keys if k in m]
     return "\n".join(["| " + " | ".join(name for _, name in keys) + " |", "|" + "---|" * len(keys),
                       "| " + " | ".join(f"{m[k]:.3f}" for k, _ in keys) + " |"])
@@ -207,7 +210,9 @@ def docs_results_section(root: Path, reports_dir: Path) -> str:
     eval_json = root / "metrics/eval.json"
     lines += ["## The default pipeline run", "",
               "`dvc repro` on the embedded default (the synthetic set): the `evaluate` stage's test metrics "
-              "(source: `metrics/eval.json`; ECE before and after temperature scaling), its confusion matrix and the "
+              "(source: `metrics/eval.json`; ECE before and after temperature scaling; the area under the "
+              "risk-coverage curve and the share of images called at a target accuracy, see "
+              "[abstention](screening.md#abstaining-at-a-target-accuracy)), its confusion matrix and the "
               "`robustness` stage's accuracy under shifts.", ""]
     if eval_json.is_file():
         lines += [eval_table(eval_json), ""]
