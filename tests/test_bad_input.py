@@ -749,7 +749,10 @@ def test_ctrl_c_during_parallel_work_is_one_line_and_no_worker_traceback(tmp_pat
 
     script = tmp_path / "work.py"
     script.write_text(
-        "import time\n"
+        "import signal, time\n"
+        # a shell that starts a job in the background (CI runners, `make test &`) leaves SIGINT
+        # ignored in it, and Python keeps it so: restore what a terminal's foreground job has
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from multifusion.core.errors import run_stage\n"
         "from multifusion.core.json_files import write_json\n"
         "from multifusion.data.parallel import parallel_map\n"
