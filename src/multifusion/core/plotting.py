@@ -7,7 +7,11 @@ a file (PNG) by a headless process, so pyplot always runs on the non-interactive
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+from multifusion.core.atomic import atomic_path
 
 
 def pyplot() -> ModuleType:
@@ -19,3 +23,13 @@ def pyplot() -> ModuleType:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int) -> None:
+    """Write ``fig`` to ``path`` atomically (the extension picks the format) and close it,
+    written or not."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".").lower() or None)
+    finally:
+        pyplot().close(fig)

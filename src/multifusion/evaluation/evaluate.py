@@ -18,8 +18,8 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support, top
 
 from multifusion.evaluation.calibration import nll
 from multifusion.data.dataset import Prepared, to_model_input
-from multifusion.core.atomic import atomic_path, atomic_write
-from multifusion.core.plotting import pyplot
+from multifusion.core.atomic import atomic_write
+from multifusion.core.plotting import pyplot, save_figure
 
 TOP_K = (1, 2, 3, 5)
 
@@ -165,11 +165,7 @@ def plot_confusion_png(path: str | Path, cm: np.ndarray, classes: list[str], tit
     ax.set_ylabel("actual")
     ax.set_title(title)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def evaluate_split(

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from multifusion.core.atomic import atomic_path
-from multifusion.core.plotting import pyplot
+from multifusion.core.plotting import pyplot, save_figure
 
 
 def plot_robustness(table: pd.DataFrame, path: str | Path) -> None:
@@ -35,8 +34,4 @@ def plot_robustness(table: pd.DataFrame, path: str | Path) -> None:
     fig.legend(handles, names, loc="lower right", fontsize=8)
     fig.suptitle("Accuracy vs shift severity (test split)")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from multifusion.core.atomic import atomic_path, atomic_write
-from multifusion.core.plotting import pyplot
+from multifusion.core.atomic import atomic_write
+from multifusion.core.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -138,8 +138,4 @@ def plot_curve_png(path: str | Path, curve: RiskCoverage, targets: list[float], 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)

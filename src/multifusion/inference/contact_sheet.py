@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from multifusion.core.atomic import atomic_path
-from multifusion.core.plotting import pyplot
+from multifusion.core.plotting import pyplot, save_figure
 
 
 @dataclass
@@ -47,8 +46,4 @@ def draw_contact_sheet(entries: list[SheetEntry], path: str | Path, title: str =
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:  # the extension is kept: it picks the format
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)

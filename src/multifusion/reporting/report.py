@@ -25,9 +25,9 @@ import numpy as np
 
 from multifusion.core.config import FULL_MODEL as FULL
 from multifusion.core.config import Config
-from multifusion.core.atomic import atomic_path, write_text
+from multifusion.core.atomic import write_text
 from multifusion.core.json_files import write_json
-from multifusion.core.plotting import pyplot
+from multifusion.core.plotting import pyplot, save_figure
 from multifusion.reporting.seed_stats import PRF, TOPK, read_metrics, read_runs, summarize
 
 __all__ = ["FULL", "LABELS", "read_metrics", "report_from_files", "write_report"]
@@ -279,11 +279,7 @@ def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: st
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=len(keys))
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, dataset: str, date: str | None = None) -> Path:
