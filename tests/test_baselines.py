@@ -159,6 +159,25 @@ def test_mrconv_equals_loop_reference() -> None:
     torch.testing.assert_close(out, conv.nn(h).squeeze(-1), rtol=1e-5, atol=1e-5)
 
 
+def test_mrconv_relative_term_and_gradient_match_the_reference_order() -> None:
+    """The max-relative term max_j (x_j - x_i), computed as max_j x_j - x_i: the same values
+    bit for bit and the same gradient as the reference's subtract-then-max."""
+    from multifusion.model.baselines.vig import gather_nodes
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 16, 10, dtype=torch.float64, requires_grad=True)  # (B, C, N)
+    idx = torch.randint(0, 10, (3, 10, 4))  # (B, N, k)
+    ref = (gather_nodes(x, idx) - x.unsqueeze(-1)).amax(dim=-1)  # the reference's order
+    ours = gather_nodes(x, idx).amax(dim=-1) - x
+    assert torch.equal(ours, ref)
+    upstream = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, x, upstream)
+    (g_ours,) = torch.autograd.grad(ours, x, upstream)
+    torch.testing.assert_close(g_ours, g_ref)
+    conv = MRConv2d(16, 32).double()
+    assert torch.autograd.gradcheck(lambda t: conv(t, idx), (x,), eps=1e-6, atol=1e-5)
+
+
 def test_every_comparison_model_builds_and_runs(make_config) -> None:
     """Each name of compare.models: its config (ablation overrides applied) builds a model
     mapping grey images to logits; unknown names are a clear error."""
