@@ -3,6 +3,11 @@
     python bench/predict.py                      # 1,000 synthetic 1024x768 micrographs, CPU (+ CUDA if visible)
     python bench/predict.py --n 200 --cli        # fewer files, also time the CLI end to end
     python bench/predict.py --report             # also time `predict --report` (HTML page with overlays)
+    python bench/predict.py --model WS/models/hnf --prepared WS/data/prepared   # the test split's originals of a real set
+
+With ``--prepared`` the files timed are the originals of that prepared set's test split (for
+a model trained on it: its adaptive views then take the share of eight-view passes they take
+on real, unseen micrographs; on synthetic shots a trained model's confidence means nothing).
 
 Both paths decode every file with the same preprocessing (``load_micrograph`` with the
 model's data section: grey, info-bar crop, square, resize) and normalise with
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -83,6 +89,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--format", default=".tif", choices=[".tif", ".png"])
     parser.add_argument("--model", default=str(ROOT / "models/hnf"))
+    parser.add_argument("--prepared", type=Path, default=None,
+                        help="time the originals of this prepared set's test split instead of synthetic shots (--n: at most)")
     parser.add_argument("--cli", action="store_true", help="also time the `multifusion predict` command")
     parser.add_argument("--report", action="store_true", help="also time predict with --report (HTML page, explanation overlays)")
     parser.add_argument("--rounds", type=int, default=3, help="with --report: best of this many alternating runs")
@@ -102,10 +110,22 @@ def main() -> None:
         loaded = load_model(model_dir)
         policy, classes = loaded.input, loaded.classes
         S, batch = policy.image_size, cfg.predict.batch_size
-        folder = tmp_path / "shots"
-        folder.mkdir()
-        print(f"writing {args.n} synthetic {args.width}x{args.height} {args.format} micrographs ...", flush=True)
-        paths = write_micrographs(folder, args.n, args.width, args.height, args.format)
+        if args.prepared is not None:
+            manifest = pd.read_parquet(args.prepared / "manifest.parquet")
+            paths = [Path(p) for p in manifest.loc[manifest["split"] == "test", "path"]][: args.n]
+            folder = tmp_path / "shots"  # links to the originals: predict reads one folder, as a lab points it at one
+            folder.mkdir()
+            for i, path in enumerate(paths):
+                (folder / f"{i:05d}_{path.name}").symlink_to(path.resolve())
+            paths = sorted(folder.iterdir())
+            with Image.open(paths[0]) as first:
+                args.width, args.height = first.size
+            args.n, args.format = len(paths), paths[0].suffix
+        else:
+            folder = tmp_path / "shots"
+            folder.mkdir()
+            print(f"writing {args.n} synthetic {args.width}x{args.height} {args.format} micrographs ...", flush=True)
+            paths = write_micrographs(folder, args.n, args.width, args.height, args.format)
         decoded = np.stack([load_micrograph(p, policy) for p in paths[:batch]])  # (B, S, S) warm-up
         decode_s = timed(lambda: [load_micrograph(p, policy) for p in paths])
         images = np.stack([decoded] * (args.n // batch + 1))[: args.n].reshape(-1, S, S)  # (n, S, S)
