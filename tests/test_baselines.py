@@ -214,3 +214,19 @@ def test_a_model_recipe_sets_its_optimiser_and_never_the_budget(make_config) -> 
         bad = make_config({"compare.recipes": {"vig": {key: value}}})
         with pytest.raises(ValueError, match=f"compare.recipes.vig may set the optimiser only .*{key}"):
             variant_config(bad, "vig")
+
+
+def test_ffn_channels_last_path_equals_the_plain_nchw_block() -> None:
+    """vig.FFN runs its 1x1 convs on a channels-last copy (a speed path): the output and the
+    input gradient equal the plain NCHW residual block's, and the output stays NCHW."""
+    from multifusion.model.baselines.vig import FFN
+
+    torch.manual_seed(0)
+    ffn = FFN(16, 64, 0.0).double()
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = ffn(x)
+    ref = x + ffn.fc2(ffn.act(ffn.fc1(x)))  # the reference order on the NCHW tensor (train-mode BN, same batch)
+    torch.testing.assert_close(out, ref)
+    assert out.is_contiguous()
+    upstream = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, upstream)[0], torch.autograd.grad(ref, x, upstream)[0])
