@@ -112,7 +112,7 @@ def main() -> None:
     def screened(tta: bool, t: float) -> None:
         out = screen_outputs(model, test, args.batch, "cpu", T, tta, t)
         if unknown is not None:
-            unknown(out.logits, out.features)  # the unknown score, as predict computes it
+            unknown(out.logits, out.features, out.spectra)  # the unknown score, as predict computes it
 
     screened(True, chosen)  # warm-up
     runs = {"8 views, logits only (before)": lambda: predict_logits(model, test, args.batch, "cpu", tta=True),

@@ -105,18 +105,19 @@ def score_table(model: torch.nn.Module, cfg: Config, temperature: float, prepare
     top1 = float((softmax(te.logits, temperature).argmax(1) == test.labels).mean())
     log(f"model on {len(prepared.classes)} classes: test top-1 {top1:.3f} ({len(test.labels)} in-distribution test images; "
         f"scoring {time.perf_counter() - t0:.0f} s)")
-    fits = {score: fit_unknown(score, cfg.ood.keep_rate, torch.from_numpy(tr.features), torch.from_numpy(train.labels),
-                               len(prepared.classes), torch.from_numpy(va.logits), torch.from_numpy(va.features),
-                               temperature, cfg.ood.knn_k) for score in OOD_SCORES}
+    def fit(score: str, k: int):
+        return fit_unknown(score, cfg.ood.keep_rate, torch.from_numpy(tr.features), torch.from_numpy(train.labels),
+                           len(prepared.classes), torch.from_numpy(va.logits), torch.from_numpy(va.features), temperature, k,
+                           torch.from_numpy(tr.spectra), torch.from_numpy(va.spectra))
+
+    fits = {score: fit(score, cfg.ood.knn_k) for score in OOD_SCORES}
     for k in knn_ks:  # the kNN score at other neighbours (--knn-ks)
-        fits[f"knn@{k}"] = fit_unknown("knn", cfg.ood.keep_rate, torch.from_numpy(tr.features), torch.from_numpy(train.labels),
-                                       len(prepared.classes), torch.from_numpy(va.logits), torch.from_numpy(va.features),
-                                       temperature, k)
+        fits[f"knn@{k}"] = fit("knn", k)
     rows = []
     for name, un in unknown.items():
         log(f"{name} ({len(un.logits)} unknown images)")
         for score, fitted in fits.items():
-            s_id, s_un = fitted(te.logits, te.features), fitted(un.logits, un.features)
+            s_id, s_un = fitted(te.logits, te.features, te.spectra), fitted(un.logits, un.features, un.spectra)
             auroc = roc_auc_score(np.r_[np.zeros(len(s_id)), np.ones(len(s_un))], np.r_[s_id, s_un])
             t95 = np.quantile(s_id, 0.95, method="higher")  # keeps >= 95% of the in-distribution test
             row = {"case": name, "score": score, "auroc": float(auroc), "fpr95": float((s_un <= t95).mean()),

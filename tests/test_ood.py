@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-from multifusion.evaluation import ood
+from multifusion.evaluation import ood, spectrum
 from multifusion.evaluation.selective import abstain_mask, aurc, risk_coverage, selective_metrics
 
 
@@ -60,7 +60,65 @@ def test_threshold_keeps_the_documented_rate(n, keep):
     assert kept >= keep - 1e-12 and kept - 1.0 / n < keep  # at least keep_rate, and no image more than needed
 
 
-@pytest.mark.parametrize("score", ["knn", "mahalanobis", "energy", "max_softmax"])
+def test_kth_distance_matches_sklearn():
+    gen = torch.Generator().manual_seed(3)
+    train, test = torch.randn(200, 16, generator=gen) * 3, torch.randn(40, 16, generator=gen) * 5
+    for k in (1, 5):
+        dist, _ = NearestNeighbors(n_neighbors=k).fit(train.double().numpy()).kneighbors(test.double().numpy())
+        np.testing.assert_allclose(ood.kth_distance(test, train, k, chunk=7).numpy(), dist[:, k - 1], rtol=1e-9)
+
+
+def numpy_radial_profile(image: np.ndarray, bands: int) -> np.ndarray:
+    """The texture profile by hand: centred spectrum, radius in pixels of the shifted grid, per-band mean power."""
+    x = image.astype(np.float64) - image.mean()
+    power = np.abs(np.fft.fftshift(np.fft.fft2(x))) ** 2
+    size = x.shape[0]
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - size // 2, xx - size // 2)
+    band = np.minimum((radius / (size / 2) * bands).astype(int), bands - 1)
+    profile = np.log(np.array([power[band == b].mean() for b in range(bands)]) + spectrum.FLOOR)
+    return profile - profile.mean()
+
+
+def test_radial_log_spectrum_matches_numpy_and_ignores_orientation_and_level():
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (5, 64, 64)).astype(np.uint8)
+    images[1] = np.clip(128 + 60 * np.sin(np.arange(64) * 0.7)[None, :] + rng.normal(0, 5, (64, 64)), 40, 215)  # stripes
+    ours = spectrum.radial_log_spectrum(images).numpy()
+    assert ours.shape == (5, spectrum.BANDS)
+    for image, row in zip(images, ours):
+        np.testing.assert_allclose(row, numpy_radial_profile(image, spectrum.BANDS), rtol=1e-9, atol=1e-9)
+    views = np.stack([np.rot90(images[1]), images[1][:, ::-1], images[1][::-1]])  # the test-time views
+    np.testing.assert_allclose(spectrum.radial_log_spectrum(np.ascontiguousarray(views)).numpy(), np.repeat(ours[1:2], 3, 0), atol=1e-9)
+    brighter = (images[1].astype(int) + 20).astype(np.uint8)  # 60..235: the same texture, a higher grey level
+    np.testing.assert_allclose(spectrum.radial_log_spectrum(brighter[None]).numpy()[0], ours[1], atol=1e-9)
+    assert np.abs(ours[1] - ours[0]).max() > 1.0  # stripes and white noise differ
+    flat = spectrum.radial_log_spectrum(np.full((1, 8, 8), 77, np.uint8))
+    assert torch.isfinite(flat).all()
+
+
+def test_knn_spectrum_is_the_sum_of_both_distances_scaled_on_val():
+    rng = np.random.default_rng(5)
+    K, D, B = 3, 8, spectrum.BANDS
+    train_labels = rng.integers(0, K, 150)
+    train, val = rng.normal(size=(150, D)), rng.normal(size=(60, D))
+    train_spectra, val_spectra = rng.normal(size=(150, B)), rng.normal(size=(60, B))
+    logits = torch.tensor(rng.normal(size=(60, K)))
+    fitted = ood.fit_unknown("knn_spectrum", 0.9, torch.tensor(train), torch.tensor(train_labels), K, logits, torch.tensor(val),
+                             knn_k=4, train_spectra=torch.tensor(train_spectra), val_spectra=torch.tensor(val_spectra))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    feature_d = NearestNeighbors(n_neighbors=4).fit(unit(train)).kneighbors(unit(val))[0][:, 3]
+    profile_d = NearestNeighbors(n_neighbors=4).fit(train_spectra).kneighbors(val_spectra)[0][:, 3]
+    scales = np.quantile(feature_d, 0.95), np.quantile(profile_d, 0.95)
+    np.testing.assert_allclose(fitted.scales, scales, rtol=1e-5)
+    np.testing.assert_allclose(fitted(logits, val, val_spectra), feature_d / scales[0] + profile_d / scales[1], rtol=1e-5)
+    with pytest.raises(ValueError, match="texture profiles"):
+        fitted(logits, val)
+    texture_far = val_spectra + 6.0  # known features, a texture no training image has
+    assert fitted.flags(fitted(logits, val, texture_far)).all()
+
+
+@pytest.mark.parametrize("score", ["knn_spectrum", "knn", "mahalanobis", "energy", "max_softmax"])
 def test_fit_on_val_keeps_rate_and_round_trips(score, tmp_path):
     rng = np.random.default_rng(2)
     K, D = 3, 8
@@ -70,18 +128,19 @@ def test_fit_on_val_keeps_rate_and_round_trips(score, tmp_path):
     val_labels = rng.integers(0, K, 100)
     val = centres[val_labels] + rng.normal(size=(100, D))
     val_logits = torch.tensor(-((val[:, None] - centres[None]) ** 2).sum(-1) / 40)  # no saturated (tied) softmax
+    train_spectra, val_spectra = rng.normal(size=(200, 16)), rng.normal(size=(100, 16))  # texture profiles (knn_spectrum)
     fitted = ood.fit_unknown(score, 0.9, torch.tensor(train), torch.tensor(train_labels), K, val_logits, torch.tensor(val),
-                             temperature=1.3, knn_k=3)
-    val_scores = fitted(val_logits, val)
+                             temperature=1.3, knn_k=3, train_spectra=torch.tensor(train_spectra), val_spectra=torch.tensor(val_spectra))
+    val_scores = fitted(val_logits, val, val_spectra)
     assert (~fitted.flags(val_scores)).mean() == pytest.approx(0.9, abs=0.011)
     assert fitted.val_unknown_fraction == pytest.approx(0.1, abs=0.011)
     entry = ood.save_unknown_tensors(tmp_path, fitted)
     loaded = ood.load_unknown(tmp_path, entry)
-    np.testing.assert_allclose(loaded(val_logits, val), val_scores)
+    np.testing.assert_allclose(loaded(val_logits, val, val_spectra), val_scores)
     far = rng.normal(size=(20, D)) * 4 + 40  # far from every class
     far_logits = torch.tensor(-((far[:, None] - centres[None]) ** 2).sum(-1) / 4)
     if score in ood.FEATURE_SCORES:
-        assert fitted.flags(fitted(far_logits, far)).all()
+        assert fitted.flags(fitted(far_logits, far, val_spectra[:20])).all()
         (tmp_path / ood.TENSORS).write_bytes(b"damaged")
         with pytest.raises(ood.UnknownScoreError, match="sha256"):
             ood.load_unknown(tmp_path, entry)

@@ -8,6 +8,13 @@ Four scores, every one "higher = more unknown" (pure torch; shapes in the docstr
   its k-th nearest neighbour among the normalised features of the training split.
 - ``mahalanobis`` (Lee et al. 2018): the smallest squared Mahalanobis distance to a class
   mean of the training features, under one covariance shared by the classes (pinv).
+- ``knn_spectrum`` (the default): the ``knn`` distance plus the distance from the image's
+  texture-scale profile (:mod:`multifusion.evaluation.spectrum`) to its k-th nearest among the
+  training images' profiles, each divided by its own 95th percentile on val so that neither
+  term dominates by its units. The features say what the classifier learned; the profile
+  says how far the texture is from any training micrograph, which a model trained on few
+  classes does not always see in its features (bench/ood.py: on NCM held-out classes and on
+  micrographs of another set it raises AUROC; docs/screening.md has the figures).
 
 Penultimate features are what the classifier reads just before its last linear layer: a
 MultiFusion model's visual tokens ``forward_features(x)`` (B, L(+1), C) flattened, a
@@ -43,7 +50,8 @@ from multifusion.core.config import OOD_SCORES
 from multifusion.core.errors import UserError
 
 TENSORS = "unknown.safetensors"
-FEATURE_SCORES = ("knn", "mahalanobis")   # the scores that read penultimate features (and keep tensors)
+FEATURE_SCORES = ("knn", "mahalanobis", "knn_spectrum")   # the scores that read penultimate features (and keep tensors)
+SCALE_QUANTILE = 0.95                       # knn_spectrum: each term is divided by this quantile of its val distances
 REDO = "copy the whole model directory again, or retrain it (`dvc repro train`)"
 
 
@@ -70,20 +78,33 @@ def normalize_features(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.double(), dim=1)
 
 
+def kth_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """queries (N, D), bank (M, D) -> (N,) Euclidean distance from each query to its k-th
+    nearest bank row (float64). k must be in [1, M]."""
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"knn: k = {k} must be between 1 and the bank's {bank.shape[0]} rows; lower ood.knn_k in params.yaml")
+    queries, bank = queries.double(), bank.double()
+    bank_sq = bank.square().sum(dim=1)  # (M,)
+    out = []
+    for start in range(0, len(queries), chunk):
+        q = queries[start : start + chunk]  # (n, D)
+        d2 = (q.square().sum(dim=1, keepdim=True) - 2.0 * q @ bank.t() + bank_sq).clamp(min=0.0)  # (n, M) |a - b|^2
+        out.append(d2.topk(k, dim=1, largest=False).values[:, k - 1].sqrt())  # (n,)
+    return torch.cat(out) if out else queries.new_zeros(0)
+
+
 def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
     """features (N, D), bank (M, D) of unit rows (:func:`normalize_features` of the train
     features) -> (N,) Euclidean distance from each normalised feature to its k-th nearest
     bank row. k must be in [1, M]."""
-    if not 1 <= k <= bank.shape[0]:
-        raise ValueError(f"knn_score: k = {k} must be between 1 and the bank's {bank.shape[0]} rows; lower ood.knn_k in params.yaml")
-    queries = normalize_features(features)  # (N, D)
-    bank = bank.double()
-    out = []
-    for start in range(0, len(queries), chunk):
-        q = queries[start : start + chunk]  # (n, D)
-        d2 = (2.0 - 2.0 * q @ bank.t()).clamp(min=0.0)  # (n, M): |a - b|^2 of unit vectors
-        out.append(d2.topk(k, dim=1, largest=False).values[:, k - 1].sqrt())  # (n,)
-    return torch.cat(out) if out else queries.new_zeros(0)
+    return kth_distance(normalize_features(features), bank, k, chunk)
+
+
+def knn_spectrum_score(features: torch.Tensor, spectra: torch.Tensor, bank: torch.Tensor, spectrum_bank: torch.Tensor,
+                       k: int, scales: tuple[float, float]) -> torch.Tensor:
+    """features (N, D), texture profiles (N, B), the train banks (M, D) unit rows and (M, B),
+    scales (feature term, profile term) -> (N,) knn / scales[0] + profile kNN / scales[1]."""
+    return knn_score(features, bank, k) / scales[0] + kth_distance(spectra, spectrum_bank, k) / scales[1]
 
 
 def class_means_and_precision(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,12 +141,16 @@ class UnknownScore:
     keep_rate: float                     # the share of val images the threshold was chosen to keep
     val_unknown_fraction: float          # the share of val images scoring above the threshold
     temperature: float = 1.0             # the logit scores' temperature (the model's calibrated one)
-    knn_k: int = 1                       # knn: which neighbour
+    knn_k: int = 1                       # knn, knn_spectrum: which neighbour
     n_val: int = 0                       # val images the threshold was chosen on
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # knn: bank (M, D); mahalanobis: means (K, D), precision (D, D)
+    scales: tuple[float, float] = (1.0, 1.0)  # knn_spectrum: the val SCALE_QUANTILE of the feature and profile distances
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # knn: bank (M, D); knn_spectrum: bank (M, D), spectrum_bank (M, B); mahalanobis: means (K, D), precision (D, D)
 
-    def __call__(self, logits: torch.Tensor | np.ndarray, features: torch.Tensor | np.ndarray | None) -> np.ndarray:
-        """logits (N, K) under the model's test-time policy, penultimate features (N, D) -> scores (N,)."""
+    def __call__(self, logits: torch.Tensor | np.ndarray, features: torch.Tensor | np.ndarray | None,
+                 spectra: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """logits (N, K) under the model's test-time policy, penultimate features (N, D), texture
+        profiles (N, B) (knn_spectrum only) -> scores (N,)."""
         logits = torch.as_tensor(np.asarray(logits))
         if self.score == "max_softmax":
             return max_softmax_score(logits, self.temperature).numpy()
@@ -136,6 +161,11 @@ class UnknownScore:
         features = torch.as_tensor(np.asarray(features))
         if self.score == "knn":
             return knn_score(features, self.tensors["bank"], self.knn_k).numpy()
+        if self.score == "knn_spectrum":
+            if spectra is None:
+                raise ValueError("the knn_spectrum score needs the images' texture profiles (multifusion.evaluation.spectrum)")
+            return knn_spectrum_score(features, torch.as_tensor(np.asarray(spectra)), self.tensors["bank"],
+                                      self.tensors["spectrum_bank"], self.knn_k, self.scales).numpy()
         return mahalanobis_score(features, self.tensors["means"], self.tensors["precision"]).numpy()
 
     def flags(self, scores: np.ndarray) -> np.ndarray:
@@ -149,8 +179,10 @@ class UnknownScore:
             "val_unknown_fraction": float(self.val_unknown_fraction), "n_val": int(self.n_val),
             "temperature": float(self.temperature),
         }
-        if self.score == "knn":
+        if self.score in ("knn", "knn_spectrum"):
             entry["knn_k"] = int(self.knn_k)
+        if self.score == "knn_spectrum":
+            entry["scales"] = [float(s) for s in self.scales]
         if self.tensors:
             entry["tensors"] = {"file": TENSORS, "sha256": sha256, "shapes": {k: list(v.shape) for k, v in self.tensors.items()}}
         return entry
@@ -180,20 +212,31 @@ def fit_unknown(
     val_features: torch.Tensor,
     temperature: float = 1.0,
     knn_k: int = 1,
+    train_spectra: torch.Tensor | None = None,
+    val_spectra: torch.Tensor | None = None,
 ) -> UnknownScore:
-    """Fit ``score`` on the train split's penultimate features (N, D) and labels (N,); choose
-    the threshold on the val split's logits (V, K) and features (V, D) to keep ``keep_rate``."""
+    """Fit ``score`` on the train split's penultimate features (N, D), labels (N,) and texture
+    profiles (N, B) (knn_spectrum); choose the threshold on the val split's logits (V, K),
+    features (V, D) and profiles (V, B) to keep ``keep_rate``."""
     if score not in OOD_SCORES:
         raise ValueError(f"ood.score {score!r}: allowed {', '.join(OOD_SCORES)}")
     tensors: dict[str, torch.Tensor] = {}
     k = min(knn_k, len(train_features))  # a tiny train split holds fewer neighbours
-    if score == "knn":
+    scales = (1.0, 1.0)
+    if score in ("knn", "knn_spectrum"):
         tensors["bank"] = normalize_features(train_features).float()  # (N, D)
+    if score == "knn_spectrum":
+        if train_spectra is None or val_spectra is None:
+            raise ValueError("knn_spectrum: fit_unknown needs the train and val texture profiles")
+        tensors["spectrum_bank"] = train_spectra.double()  # (N, B)
+        feature_d = knn_score(val_features, tensors["bank"], k).numpy()  # (V,)
+        profile_d = kth_distance(val_spectra, tensors["spectrum_bank"], k).numpy()  # (V,)
+        scales = tuple(max(float(np.quantile(d, SCALE_QUANTILE)), 1e-12) for d in (feature_d, profile_d))
     elif score == "mahalanobis":
         means, precision = class_means_and_precision(train_features, train_labels.long(), num_classes)
         tensors = {"means": means, "precision": precision}
-    fitted = UnknownScore(score, 0.0, keep_rate, 0.0, temperature, k, len(val_logits), tensors)
-    val_scores = fitted(val_logits, val_features)  # (V,)
+    fitted = UnknownScore(score, 0.0, keep_rate, 0.0, temperature, k, len(val_logits), scales, tensors)
+    val_scores = fitted(val_logits, val_features, val_spectra)  # (V,)
     fitted.threshold = keep_threshold(val_scores, keep_rate)
     fitted.val_unknown_fraction = float(fitted.flags(val_scores).mean())
     return fitted
@@ -229,6 +272,7 @@ def load_unknown(model_dir: str | Path, entry: dict[str, Any] | None) -> Unknown
             score=str(entry["score"]), threshold=float(entry["threshold"]), keep_rate=float(entry["keep_rate"]),
             val_unknown_fraction=float(entry["val_unknown_fraction"]), temperature=float(entry.get("temperature", 1.0)),
             knn_k=int(entry.get("knn_k", 1)), n_val=int(entry.get("n_val", 0)),
+            scales=tuple(float(s) for s in entry.get("scales", (1.0, 1.0))),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise UnknownScoreError(f"{where}: its 'unknown' entry is incomplete ({err!r}); {REDO}") from None

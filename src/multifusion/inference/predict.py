@@ -48,7 +48,7 @@ from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluation.evaluate import softmax
 from multifusion.evaluation.ood import UnknownScore, load_unknown
 from multifusion.evaluation.selective import RiskCoverage
-from multifusion.inference.views import screen_outputs
+from multifusion.inference.views import ScreenOutputs, screen_outputs
 from multifusion.model.card import LoadedModel, load_model
 from multifusion.model.card_v1 import PACKAGE_PARAMS
 from multifusion.inference.screening_report import ScreeningReport
@@ -250,9 +250,9 @@ class Screening:
     abstain_below: float | None = None     # abstain where the top-1 probability is below this (inf: on every row)
     single_view_confidence: float = 1.0
 
-    def columns(self, probs: np.ndarray, logits: np.ndarray, features: np.ndarray) -> list[dict]:
-        """probs (B, C), logits (B, C), features (B, D) -> per image {ood_score, unknown, abstained}."""
-        scores = None if self.unknown is None else self.unknown(logits, features)  # (B,)
+    def columns(self, probs: np.ndarray, out: ScreenOutputs) -> list[dict]:
+        """probs (B, C) and the batch's screen outputs -> per image {ood_score, unknown, abstained}."""
+        scores = None if self.unknown is None else self.unknown(out.logits, out.features, out.spectra)  # (B,)
         top1 = probs.max(axis=1)  # (B,)
         return [{
             "ood_score": "" if scores is None else round(float(scores[j]), 6),
@@ -281,7 +281,7 @@ def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, devi
     abstained}, views averaged (B,))."""
     out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.single_view_confidence)
     probs = softmax(out.logits, loaded.temperature)  # (B, C)
-    return probs, screening.columns(probs, out.logits, out.features), out.views
+    return probs, screening.columns(probs, out), out.views
 
 
 class LeastCertain:

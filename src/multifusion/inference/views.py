@@ -3,14 +3,16 @@ features the unknown-material score reads.
 
     out = screen_outputs(model, images_u8, batch_size=64, device="cpu", temperature=T,
                          tta=True, single_view_confidence=0.99)
-    out.logits (N, K)  out.features (N, D)  out.views (N,)
+    out.logits (N, K)  out.features (N, D)  out.spectra (N, B)  out.views (N,)
 
 Policy: the identity view first, for every image. With ``tta`` the other seven dihedral views
 (flips / rotations) are added and the logits averaged over all eight, except where the
 identity view's calibrated top-1 probability (softmax(logits / T)) already exceeds
 ``single_view_confidence``: there the one view stands (adaptive views; 1.0 = always all
 eight, the full policy ``evaluate`` scores with). The features always come from the
-identity view, so the unknown score means the same whatever views the logits took.
+identity view, so the unknown score means the same whatever views the logits took; the
+texture profiles (:mod:`multifusion.evaluation.spectrum`, the same for every view) come from
+the images themselves.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch.nn as nn
 
 from multifusion.data.dataset import to_model_input
 from multifusion.evaluation.evaluate import dihedral_views
+from multifusion.evaluation.spectrum import radial_log_spectrum
 
 
 @dataclass
 class ScreenOutputs:
     logits: np.ndarray      # (N, K) float32, averaged over the views each image took
     features: np.ndarray    # (N, D) float32, the identity view's penultimate features
+    spectra: np.ndarray     # (N, B) float64, each image's texture profile (the knn_spectrum unknown score reads it)
     views: np.ndarray       # (N,) int, views averaged (1 or 8)
 
 
@@ -64,9 +68,11 @@ def screen_outputs(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    logit_chunks, feature_chunks, view_chunks = [], [], []
+    logit_chunks, feature_chunks, spectrum_chunks, view_chunks = [], [], [], []
     for start in range(0, len(images_u8), batch_size):
-        x = to_model_input(np.asarray(images_u8[start : start + batch_size])).to(device)  # (B, 1, S, S)
+        batch_u8 = np.asarray(images_u8[start : start + batch_size])  # (B, S, S)
+        spectrum_chunks.append(radial_log_spectrum(batch_u8))  # (B, bands)
+        x = to_model_input(batch_u8).to(device)  # (B, 1, S, S)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits, feats = logits_and_features(model, x)  # (B, K), (B, D)
             logits = logits.float()
@@ -85,4 +91,5 @@ def screen_outputs(
     model.train(was_training)
     if not logit_chunks:
         raise ValueError("screen_outputs: no images given")
-    return ScreenOutputs(torch.cat(logit_chunks).numpy(), torch.cat(feature_chunks).numpy(), torch.cat(view_chunks).numpy())
+    return ScreenOutputs(torch.cat(logit_chunks).numpy(), torch.cat(feature_chunks).numpy(), torch.cat(spectrum_chunks).numpy(),
+                         torch.cat(view_chunks).numpy())

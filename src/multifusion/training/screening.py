@@ -5,7 +5,7 @@ unknown-material score (``ood.*`` params) and the val risk-coverage curve.
     save_model(..., unknown=entry)
 
 The score's statistics come from the train split (identity view: the penultimate features
-:mod:`multifusion.inference.views` hands the score at predict time); the threshold and the
+:mod:`multifusion.inference.views` hands the score at predict time, and the images' texture profiles); the threshold and the
 risk-coverage curve from the val split under the view policy ``predict`` uses
 (``evaluate.tta`` with ``predict.single_view_confidence``). Tensors go to
 ``unknown.safetensors`` in ``out_dir``; the returned card entry holds the rest, the curve
@@ -43,6 +43,7 @@ def fit_screening(
         cfg.ood.score, cfg.ood.keep_rate,
         torch.from_numpy(train_out.features), torch.from_numpy(prepared.labels(train_idx)), len(prepared.classes),
         torch.from_numpy(val_out.logits), torch.from_numpy(val_out.features), temperature, cfg.ood.knn_k,
+        torch.from_numpy(train_out.spectra), torch.from_numpy(val_out.spectra),
     )
     entry = save_unknown_tensors(out_dir, fitted)
     probs = softmax(val_out.logits, temperature)  # (V, K)
