@@ -13,7 +13,8 @@ set). Each model is trained with the product's ``fit`` (train.epochs overridden 
   their descriptions: the model never sees them); the in-distribution test set is the test
   split of the other nine, the unknown set every image of the two held-out classes;
 - far: the full 11-class NCM model, in-distribution its test split, unknown the synthetic
-  set's test split; the synthetic model the other way round.
+  set's test split; the synthetic model the other way round. ``--ncm-model`` / ``--syn-model``
+  score models trained elsewhere (a default run's ``models/hnf``, 30 epochs) for these two.
 
 Per score: AUROC (unknown = positive), FPR@95%TPR (the share of unknown images kept as known
 at the threshold that keeps 95% of the in-distribution test images) and what the threshold
@@ -40,6 +41,7 @@ from multifusion.evaluation.evaluate import softmax
 from multifusion.evaluation.ood import fit_unknown
 from multifusion.inference.views import ScreenOutputs, screen_outputs
 from multifusion.model import build_model
+from multifusion.model.card import load_model
 from multifusion.text.features import TextFeatures
 from multifusion.training.train import fit
 
@@ -82,6 +84,12 @@ def train_model(cfg: Config, prepared_dir: Path, text: TextFeatures, out: Path) 
     model = build_model(cfg, classes, text)
     model = fit(model, cfg, prepared_dir, out / "model", out / "checkpoints", out / "live", "hnf", text=text)
     return model, float(json.loads((out / "model" / "config.json").read_text())["temperature"])
+
+
+def trained_model(model_dir: Path) -> tuple[torch.nn.Module, float]:
+    """A model saved by ``train`` (its card's weights and temperature), to score without training."""
+    loaded = load_model(model_dir)
+    return loaded.model.eval(), loaded.temperature
 
 
 def outputs(model: torch.nn.Module, images: np.ndarray, cfg: Config, temperature: float, tta: bool) -> ScreenOutputs:
@@ -136,11 +144,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", default="h1,syn,h2,h3,ncm", help="which models, in order (h1..h3: the holdouts)")
+    parser.add_argument("--ncm-model", type=Path, default=None,
+                        help="case ncm: score this trained 11-class model directory (e.g. a default run's models/hnf) instead of training one")
+    parser.add_argument("--syn-model", type=Path, default=None, help="case syn: the same for the synthetic model")
     parser.add_argument("--tta", type=int, choices=(0, 1), default=1, help="evaluate.tta for the bench (0: one view, 8x cheaper)")
     parser.add_argument("--knn-ks", type=lambda v: [int(k) for k in v.split(",")], default=[],
                         help="also score kNN at these k (rows knn@k); a rerun on the same --work resumes the trained models")
     args = parser.parse_args()
     out = args.out.open("a")
+    args.work.mkdir(parents=True, exist_ok=True)
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -153,20 +165,26 @@ def main() -> None:
     ncm_dir, syn_dir = args.ncm / "data/prepared", args.syn / "data/prepared"
     ncm, syn = load_prepared(ncm_dir), load_prepared(syn_dir)
     text_ncm = TextFeatures.load(args.ncm / "data/text_features")
-    log(f"=== bench/ood.py {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: train.epochs {args.epochs} (budget reduced "
-        f"from the default {load_config(args.ncm / 'params.yaml').train.epochs}), 1 thread, nice 10, shared CPU; evaluate.tta {bool(args.tta)} (logits of "
+    default_epochs = load_config(args.ncm / "params.yaml").train.epochs
+    budget = "the default" if args.epochs == default_epochs else f"budget reduced from the default {default_epochs}"
+    log(f"=== bench/ood.py {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: train.epochs {args.epochs} ({budget}), "
+        f"{torch.get_num_threads()} thread(s); evaluate.tta {bool(args.tta)} (logits of "
         f"{'8 views' if args.tta else 'one view'}); ood.keep_rate {cfg_ncm.ood.keep_rate}, ood.knn_k {cfg_ncm.ood.knn_k}")
     all_rows: list[dict] = []
     for case in args.cases.split(","):
         started = time.perf_counter()
         work = args.work / case
         syn_test = split_of(syn, "test").images
+        given = {"ncm": args.ncm_model, "syn": args.syn_model}.get(case)
+        if given:
+            log(f"case {case}: the trained model {given} (its own epochs; not trained here)")
         if case == "ncm":
-            model, t = train_model(cfg_ncm, ncm_dir, text_ncm, work)
+            model, t = trained_model(args.ncm_model) if args.ncm_model else train_model(cfg_ncm, ncm_dir, text_ncm, work)
             rows = score_table(model, cfg_ncm, t, ncm, {"far: NCM model (11 classes) vs synthetic test": syn_test}, log,
                                args.knn_ks)
         elif case == "syn":
-            model, t = train_model(cfg_syn, syn_dir, TextFeatures.load(args.syn / "data/text_features"), work)
+            model, t = (trained_model(args.syn_model) if args.syn_model
+                        else train_model(cfg_syn, syn_dir, TextFeatures.load(args.syn / "data/text_features"), work))
             rows = score_table(model, cfg_syn, t, syn, {"far: synthetic model (10 classes) vs NCM test": split_of(ncm, "test").images}, log,
                                args.knn_ks)
         else:
