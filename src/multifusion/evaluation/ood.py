@@ -1,6 +1,6 @@
 """The unknown-material score: how unlike the training micrographs an input is.
 
-Four scores, every one "higher = more unknown" (pure torch; shapes in the docstrings):
+Five scores, every one "higher = more unknown" (pure torch; shapes in the docstrings):
 
 - ``max_softmax`` (the floor; Hendrycks & Gimpel 2017): 1 - max_k softmax(logits / T)_k.
 - ``energy`` (Liu et al. 2020): -T * logsumexp(logits / T), the free energy of the logits.
