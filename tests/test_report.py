@@ -259,3 +259,44 @@ def test_a_sign_test_over_three_seeds_cannot_reach_five_percent() -> None:
 
     assert mcnemar_exact(3, 0) == pytest.approx(0.25)  # the sign test: 3 seeds, all one way
     assert mcnemar_exact(4 + 4 + 4, 0) < 0.05          # pooled: 4 images a seed, 12 in all
+
+
+def _write_robustness(root: Path, name: str, seed: int, clean: float, noise: list[float]) -> None:
+    """models/compare/<name>/seed<N>/robustness.json in evaluate_under_shifts' layout: one shift, len(noise) levels."""
+    path = root / "models" / "compare" / name / f"seed{seed}" / "robustness.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shifts = {"gaussian_noise": {str(0.02 * (i + 1)): {"severity": 0.02 * (i + 1), "level": i + 1, "accuracy": a, "macro_f1": a}
+                                 for i, a in enumerate(noise)}}
+    path.write_text(json.dumps({"n_images": 100, "clean": {"accuracy": clean, "macro_f1": clean}, "shifts": shifts}))
+
+
+def test_robustness_section_sets_every_model_against_ours_per_shift_level(tmp_path, make_config) -> None:
+    """With compare.robustness: the accuracy table (means over seeds), MultiFusion minus each
+    model per level with the seeds it is at or above, the levels where it is behind named,
+    and robustness.png; without it, no section and a figure that says so."""
+    cfg = make_config({"compare.seeds": [42, 43], "compare.models": ["multifusion", "resnet18"], "compare.robustness": True})
+    for name in cfg.compare.models:
+        for seed in (42, 43):
+            _write_metrics(tmp_path, name, seed, fake_metrics(0.3 if name == "multifusion" else 0.1))
+    _write_robustness(tmp_path, "multifusion", 42, 0.90, [0.80, 0.50])
+    _write_robustness(tmp_path, "multifusion", 43, 0.92, [0.84, 0.54])
+    _write_robustness(tmp_path, "resnet18", 42, 0.85, [0.70, 0.60])
+    _write_robustness(tmp_path, "resnet18", 43, 0.87, [0.86, 0.60])
+    md = report_from_files(cfg, tmp_path / "metrics/compare", tmp_path / "reports", None, tmp_path / "models/compare").read_text()
+    assert "## Robustness under shifts" in md
+    accuracy = table_rows(md, "| shift (level, severity) | MultiFusion | ResNet-18")
+    assert accuracy[0] == ["clean", "**0.910**", "0.860"]
+    assert accuracy[2] == ["gaussian_noise 2 (0.04)", "0.520", "**0.600**"]
+    gaps = table_rows(md, "| shift (level, severity) | ResNet-18")
+    assert gaps[0] == ["clean", "+0.050 (2/2)"]
+    assert gaps[1] == ["gaussian_noise 1 (0.02)", "+0.040 (1/2)"]  # +0.10 at seed 42, -0.02 at seed 43
+    assert gaps[2] == ["gaussian_noise 2 (0.04)", "-0.080 (0/2)"]
+    assert "Where MultiFusion is behind on average: ResNet-18 at gaussian_noise 2 (0.04) (-0.080)." in md
+    assert (tmp_path / "reports" / "robustness.png").stat().st_size > 0
+
+    (tmp_path / "models/compare/resnet18/seed43/robustness.json").unlink()
+    with pytest.raises(FileNotFoundError, match="robustness.json"):
+        report_from_files(cfg, tmp_path / "metrics/compare", tmp_path / "reports", None, tmp_path / "models/compare")
+    off = make_config({"compare.seeds": [42, 43], "compare.models": ["multifusion", "resnet18"]})
+    md = report_from_files(off, tmp_path / "metrics/compare", tmp_path / "reports2", None, tmp_path / "models/compare").read_text()
+    assert "Robustness" not in md and (tmp_path / "reports2" / "robustness.png").is_file()

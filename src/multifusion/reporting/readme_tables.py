@@ -46,7 +46,8 @@ PIPELINE_FIGURES = {
     "plots/evaluate/risk_coverage.png": "Risk-coverage: the error of the calls kept as the least confident ones are "
                                         "refused, test split (`evaluate`)",
 }
-SET_FIGURES = {"topk.png": "Top-k accuracy, every model", "ablation.png": "Ablations: macro precision / recall / F1"}
+SET_FIGURES = {"topk.png": "Top-k accuracy, every model", "ablation.png": "Ablations: macro precision / recall / F1",
+               "robustness.png": "Accuracy under the shifts, every model (compare.robustness)"}
 
 
 def _header_line(results_md: str, prefix: str) -> str:

@@ -7,9 +7,11 @@ baseline and ablation, and their per-image predictions ``plots/compare/<name>/se
 Every figure is a mean over ``compare.seeds`` with its spread; every run is set against the full
 model at the same seed image by image, and the exact McNemar test on the pairs pooled over the
 seeds says whether a gap is more than chance (why that test: ``multifusion.reporting.seed_stats``).
-Output: ``reports/<set>/results.md`` (three tables), ``summary.json`` (every model's means, spreads,
-per-seed scores and paired counts), ``results.csv`` (bar plots in ``dvc plots show``) and two PNG
-bar charts; the per-run metric files are what ``dvc metrics show`` lists.
+Output: ``reports/<set>/results.md`` (three tables, and with ``compare.robustness`` the accuracy
+under every shift: ``multifusion.reporting.robustness_report``), ``summary.json`` (every model's
+means, spreads, per-seed scores and paired counts), ``results.csv`` (bar plots in ``dvc plots
+show``), two PNG bar charts and ``robustness.png``; the per-run metric files are what ``dvc
+metrics show`` lists.
 
     stats = summarize(read_runs("metrics/compare", cfg.compare.models, cfg.compare.seeds, "plots/compare"))
     write_report(stats, "reports/ncm", dataset="`ncm`")
@@ -28,6 +30,7 @@ from multifusion.core.config import Config
 from multifusion.core.atomic import write_text
 from multifusion.core.json_files import write_json
 from multifusion.core.plotting import pyplot, save_figure
+from multifusion.reporting.robustness_report import Results, plot_robustness, read_robustness, robustness_markdown
 from multifusion.reporting.seed_stats import PRF, TOPK, read_metrics, read_runs, summarize
 
 __all__ = ["FULL", "LABELS", "read_metrics", "report_from_files", "write_report"]
@@ -211,8 +214,10 @@ def dataset_label(set_name: str, root: str, repo: str | Path = ".") -> str:
         return f"`{set_name}` (a folder outside the repository)"
 
 
-def render_results(rows: dict[str, dict], seeds: list[int], dataset: str, date: str, where: str = "") -> str:
-    """The whole results.md text. ``rows``: name -> summary (``seed_stats.summarize``), MultiFusion first."""
+def render_results(rows: dict[str, dict], seeds: list[int], dataset: str, date: str, where: str = "",
+                   robustness: Results | None = None) -> str:
+    """The whole results.md text. ``rows``: name -> summary (``seed_stats.summarize``), MultiFusion first;
+    ``robustness``: every run's shifted accuracies (``robustness_report.read_robustness``) or None."""
     ours = rows[FULL]
     baselines = {n: m for n, m in rows.items() if not is_ablation(n)}
     ablations = {n: m for n, m in rows.items() if is_ablation(n) and n != FULL}
@@ -259,6 +264,7 @@ def render_results(rows: dict[str, dict], seeds: list[int], dataset: str, date: 
             "",
             seed_table(rows, seeds),
             "",
+            *([robustness_markdown(robustness, LABELS)] if robustness is not None else []),
         ]
     )
 
@@ -282,16 +288,18 @@ def plot_bars(rows: dict[str, dict[str, float]], keys: tuple[str, ...], path: st
     save_figure(fig, path, dpi=110)
 
 
-def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, dataset: str, date: str | None = None) -> Path:
-    """Write results.md, summary.json, results.csv, topk.png and ablation.png into ``out_dir``.
-    ``rows``: ``seed_stats.summarize`` of every model, MultiFusion (``FULL``) among them."""
+def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, dataset: str, date: str | None = None,
+                 robustness: Results | None = None) -> Path:
+    """Write results.md, summary.json, results.csv, topk.png, ablation.png and robustness.png into
+    ``out_dir``. ``rows``: ``seed_stats.summarize`` of every model, MultiFusion (``FULL``) among
+    them; ``robustness``: the runs' shifted accuracies, or None (the comparison ran without them)."""
     if FULL not in rows:
         raise ValueError(f"compare.models lacks {FULL!r}: the report sets every model against it; add it in params.yaml")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     date = date or dt.date.today().isoformat()
     rows = {FULL: rows[FULL], **{n: m for n, m in rows.items() if n != FULL}}
-    atomic_text(out_dir / "results.md", render_results(rows, seeds, dataset, date, machine()))
+    atomic_text(out_dir / "results.md", render_results(rows, seeds, dataset, date, machine(), robustness))
     write_json(out_dir / "summary.json", rows)
     spreads = ("top1_std", "macro_f1_std")
     csv = ["model,kind," + ",".join(TOPK + PRF + spreads) + ",seeds"]
@@ -302,6 +310,7 @@ def write_report(rows: dict[str, dict], seeds: list[int], out_dir: str | Path, d
     atomic_text(out_dir / "results.csv", "\n".join(csv) + "\n")
     plot_bars({n: m for n, m in rows.items() if not is_ablation(n) or n == FULL}, TOPK, out_dir / "topk.png", "Top-k accuracy, test split")
     plot_bars({n: m for n, m in rows.items() if is_ablation(n)}, PRF, out_dir / "ablation.png", "Ablations: macro P / R / F1")
+    plot_robustness(robustness, out_dir / "robustness.png", LABELS)
     return out_dir / "results.md"
 
 
@@ -310,8 +319,17 @@ def atomic_text(path: Path, text: str) -> None:
     write_text(path, text)
 
 
-def report_from_files(cfg: Config, compare_dir: str | Path, out_dir: str | Path, compare_plots: str | Path | None = None) -> Path:
+def report_from_files(cfg: Config, compare_dir: str | Path, out_dir: str | Path, compare_plots: str | Path | None = None,
+                      compare_models: str | Path | None = None) -> Path:
     """The report stage: every model of ``compare.models`` at every seed of ``compare.seeds``
-    (metrics, and with ``compare_plots`` the per-image predictions), summarized and written."""
+    (metrics, with ``compare_plots`` the per-image predictions, with ``compare_models`` and
+    ``compare.robustness`` the shifted accuracies), summarized and written."""
     runs = read_runs(compare_dir, cfg.compare.models, cfg.compare.seeds, compare_plots)
-    return write_report(summarize(runs), cfg.compare.seeds, out_dir, dataset_label(cfg.compare.set, cfg.data.root))
+    robustness = None
+    if cfg.compare.robustness and compare_models is not None:
+        robustness = read_robustness(compare_models, cfg.compare.models, cfg.compare.seeds)
+        if robustness is None:
+            raise FileNotFoundError(f"compare.robustness is true but a run under {compare_models} has no robustness.json; "
+                                    "re-run the comparison (`dvc repro comparison/dvc.yaml`)")
+    return write_report(summarize(runs), cfg.compare.seeds, out_dir, dataset_label(cfg.compare.set, cfg.data.root),
+                        robustness=robustness)
