@@ -300,3 +300,34 @@ def test_robustness_section_sets_every_model_against_ours_per_shift_level(tmp_pa
     off = make_config({"compare.seeds": [42, 43], "compare.models": ["multifusion", "resnet18"]})
     md = report_from_files(off, tmp_path / "metrics/compare", tmp_path / "reports2", None, tmp_path / "models/compare").read_text()
     assert "Robustness" not in md and (tmp_path / "reports2" / "robustness.png").is_file()
+
+
+def test_robustness_section_tests_each_shift_level_image_by_image(tmp_path, make_config) -> None:
+    """Runs that stored their per-image calls: per level, the images only MultiFusion / only the
+    model gets right, pooled over the seeds, and the exact McNemar p (against a direct count)."""
+    from multifusion.evaluation.paired_test import mcnemar_exact
+
+    cfg = make_config({"compare.seeds": [42, 43], "compare.models": ["multifusion", "resnet18"], "compare.robustness": True})
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 40)
+    calls = {}
+    for name, right_rate in (("multifusion", 0.9), ("resnet18", 0.6)):
+        for seed in (42, 43):
+            _write_metrics(tmp_path, name, seed, fake_metrics(0.3))
+            preds = {lv: np.where(rng.random(40) < right_rate - 0.2 * lv, labels, (labels + 1) % 3) for lv in (0, 1)}
+            calls[name, seed] = preds
+            path = tmp_path / "models" / "compare" / name / f"seed{seed}" / "robustness.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            acc = {lv: float(np.mean(p == labels)) for lv, p in preds.items()}
+            path.write_text(json.dumps({
+                "n_images": 40, "labels": labels.tolist(),
+                "clean": {"accuracy": acc[0], "macro_f1": acc[0], "predictions": preds[0].tolist()},
+                "shifts": {"brightness": {"0.1": {"severity": 0.1, "level": 1, "accuracy": acc[1], "macro_f1": acc[1],
+                                                  "predictions": preds[1].tolist()}}}}))
+    md = report_from_files(cfg, tmp_path / "metrics/compare", tmp_path / "reports", None, tmp_path / "models/compare").read_text()
+    gaps = table_rows(md, "| shift (level, severity) | ResNet-18")
+    for row, lv in zip(gaps, (0, 1)):
+        b = sum(int(np.sum((calls["multifusion", s][lv] == labels) & (calls["resnet18", s][lv] != labels))) for s in (42, 43))
+        c = sum(int(np.sum((calls["multifusion", s][lv] != labels) & (calls["resnet18", s][lv] == labels))) for s in (42, 43))
+        assert row[1].endswith(f"({b} / {c}, p = {mcnemar_exact(b, c):.2g})"), row
+    assert "exact McNemar p" in md

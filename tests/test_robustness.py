@@ -203,3 +203,25 @@ def test_evaluate_under_shifts_scores_each_severity(make_config):
     table = robustness_table(result, "toy")
     n_levels = sum(len(getattr(cfg.robustness, name)) + 1 for name in SHIFTS)
     assert len(table) == n_levels and (table[table.level == 0].accuracy == 1.0).all()
+
+
+def test_evaluate_under_shifts_keeps_per_image_calls_when_asked(make_config):
+    """keep_predictions: the labels and every level's calls, consistent with its accuracy;
+    without it the result (metrics/robustness.json) holds no per-image lists."""
+    from multifusion.data.dataset import to_model_input
+    from multifusion.evaluation.robustness import evaluate_under_shifts, robustness_table
+
+    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5})
+    labels = np.array([0, 1] * 6)
+    images = np.where(labels[:, None, None] == 1, 170, 80).astype(np.uint8) + np.zeros((12, 32, 32), np.uint8)
+    model = MeanBrightnessClassifier(to_model_input(np.full((1, 8, 8), 125, np.uint8)).mean().item())
+    kept = evaluate_under_shifts(model, images, labels, cfg, keep_predictions=True)
+    assert kept["labels"] == labels.tolist() and kept["clean"]["predictions"] == labels.tolist()
+    bright = kept["shifts"]["brightness"]["0.5"]
+    assert bright["predictions"] == [1] * 12 and bright["accuracy"] == 0.5
+    for per in kept["shifts"].values():
+        for entry in per.values():
+            assert np.mean(np.array(entry["predictions"]) == labels) == pytest.approx(entry["accuracy"])
+    plain = evaluate_under_shifts(model, images, labels, cfg)
+    assert "labels" not in plain and "predictions" not in plain["clean"]
+    assert list(robustness_table(kept, "toy").columns) == list(robustness_table(plain, "toy").columns)

@@ -29,6 +29,7 @@ def evaluate_under_shifts(
     cfg: Config,
     temperature: float = 1.0,
     device: str | torch.device = "cpu",
+    keep_predictions: bool = False,
 ) -> dict:
     """Accuracy and macro-F1 of ``model`` on clean and shifted copies of ``images_u8``.
 
@@ -36,18 +37,25 @@ def evaluate_under_shifts(
     Returns ``{"n_images": N, "clean": {accuracy, macro_f1},
     "shifts": {shift: {str(severity): {severity, level, accuracy, macro_f1}}}}`` with
     levels numbered 1.. in the params order (mildest first). Deterministic from
-    ``cfg.robustness.seed``.
+    ``cfg.robustness.seed``. With ``keep_predictions`` also ``"labels"`` (N,) and, in the
+    clean entry and every level's, the per-image ``"predictions"`` (N,): what a paired test
+    between two models needs (the comparison report's per-level McNemar test).
     """
     rob = cfg.robustness
     images_u8 = np.ascontiguousarray(images_u8, dtype=np.uint8)
     labels = np.asarray(labels)
 
-    def score(images: np.ndarray) -> dict[str, float]:
+    def score(images: np.ndarray) -> dict:
         # single views: the 8-view test-time average would hide the rotation shift and cost 8x
         probs = predict_probs(model, images, rob.batch_size, device, temperature)  # (N, C)
-        return _scores(probs, labels, cfg)
+        scores: dict = _scores(probs, labels, cfg)
+        if keep_predictions:
+            scores["predictions"] = probs.argmax(axis=1).astype(int).tolist()
+        return scores
 
     result: dict = {"n_images": int(len(labels)), "clean": score(images_u8), "shifts": {}}
+    if keep_predictions:
+        result["labels"] = labels.astype(int).tolist()
     for shift_index, name in enumerate(SHIFTS):
         per_severity = {}
         for level, severity in enumerate(getattr(rob, name), start=1):

@@ -10,9 +10,13 @@ level with the seeds at which MultiFusion is at or above it), the shift levels w
 baseline is ahead on average, and ``robustness.png`` (accuracy against level, one panel per
 shift, one line per model with its min-max band over the seeds).
 
-The pairing is by seed, not by image: ``robustness.json`` holds accuracies, not per-image
-calls, so the per-level comparison counts seeds (with 3 seeds no sign test reaches p < 0.25;
-the counts say how consistent a gap is, not that it is more than chance).
+The paired test per shift level is the report's own: image by image against MultiFusion at
+the same seed, the exact McNemar test on the pairs pooled over the seeds
+(:mod:`multifusion.evaluation.paired_test`), from the per-image calls the compare stage
+stores in ``robustness.json``. Runs made before those calls were stored hold accuracies only;
+for them the section counts the seeds at which MultiFusion is at or above the model (with 3
+seeds no sign test reaches p < 0.25: the counts say how consistent a gap is, not that it is
+more than chance).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 
 from multifusion.core.config import FULL_MODEL as FULL
 from multifusion.core.plotting import pyplot, save_figure
+from multifusion.evaluation.paired_test import mcnemar_exact, paired_counts
 
 ROBUSTNESS = "robustness.json"
 
@@ -70,6 +75,30 @@ def per_seed(results: Results) -> dict[str, dict[tuple[str, int], np.ndarray]]:
     return table
 
 
+def has_predictions(results: Results) -> bool:
+    """Every run stored its per-image calls (and the labels) under every shift level."""
+    return all("labels" in r and "predictions" in r["clean"]
+               and all("predictions" in e for per in r["shifts"].values() for e in per.values())
+               for runs in results.values() for r in runs.values())
+
+
+def predictions(result: dict, shift: str, level: int) -> np.ndarray:
+    """One run's per-image calls (N,) at (shift, level); level 0 = clean."""
+    if level == 0:
+        return np.asarray(result["clean"]["predictions"])
+    return np.asarray(next(e["predictions"] for e in result["shifts"][shift].values() if int(e["level"]) == level))
+
+
+def pooled_counts(results: Results, other: str, shift: str, level: int) -> tuple[int, int]:
+    """(b, c) summed over the seeds: images only MultiFusion / only ``other`` gets right at (shift, level)."""
+    b = c = 0
+    for seed, ours in results[FULL].items():
+        theirs = results[other][seed]
+        nb, nc = paired_counts(np.asarray(ours["labels"]), predictions(ours, shift, level), predictions(theirs, shift, level))
+        b, c = b + nb, c + nc
+    return b, c
+
+
 def _label(shift: str, level: int, severity: float) -> str:
     return "clean" if level == 0 else f"{shift} {level} ({severity:g})"
 
@@ -91,11 +120,14 @@ def robustness_markdown(results: Results, labels: dict[str, str]) -> str:
         "|" + "---|" * (len(names) + 1),
     ]
     behind: list[str] = []
+    by_image = has_predictions(results)
     gap_lines = [
         "",
-        f"MultiFusion minus each model at the same seed, mean over the seeds, and at how many of the {n_seeds} seeds "
-        "MultiFusion is at or above it (pairs by seed: the per-image calls under shift are not stored, so there is no "
-        "per-image test here).",
+        ("MultiFusion minus each model at the same seed, mean over the seeds; in brackets the test images only MultiFusion / "
+         "only the model gets right, pooled over the seeds, and the exact McNemar p of that split."
+         if by_image else
+         f"MultiFusion minus each model at the same seed, mean over the seeds, and at how many of the {n_seeds} seeds "
+         "MultiFusion is at or above it (these runs stored accuracies only, not per-image calls: no per-image test)."),
         "",
         "| shift (level, severity) | " + " | ".join(labels.get(n, n) for n in baselines) + " |",
         "|" + "---|" * (len(baselines) + 1),
@@ -109,7 +141,11 @@ def robustness_markdown(results: Results, labels: dict[str, str]) -> str:
         cells = []
         for n in baselines:
             diff = acc[FULL][key] - acc[n][key]  # (S,)
-            cells.append(f"{diff.mean():+.3f} ({int((diff >= 0).sum())}/{len(diff)})")
+            if by_image:
+                b, c = pooled_counts(results, n, shift, level)
+                cells.append(f"{diff.mean():+.3f} ({b} / {c}, p = {mcnemar_exact(b, c):.2g})")
+            else:
+                cells.append(f"{diff.mean():+.3f} ({int((diff >= 0).sum())}/{len(diff)})")
             if diff.mean() < 0:
                 behind.append(f"{labels.get(n, n)} at {_label(shift, level, severity)} ({diff.mean():+.3f})")
         gap_lines.append(f"| {_label(shift, level, severity)} | " + " | ".join(cells) + " |")

@@ -120,7 +120,8 @@ def run_comparison(
 
         test = prepared.split_indices("test")
         result = evaluate_under_shifts(
-            loaded.model, np.asarray(prepared.images[test]), prepared.labels(test), cfg_run, loaded.temperature, str(device)
+            loaded.model, np.asarray(prepared.images[test]), prepared.labels(test), cfg_run, loaded.temperature, str(device),
+            keep_predictions=True,  # per-image calls: the report's paired test per shift level
         )
         write_json(Path(model_dir) / "robustness.json", result)
         metrics["shifted_top1"] = mean_shifted_top1(result)
