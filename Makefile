@@ -24,7 +24,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install run test test-all lock clean-outputs
+.PHONY: install run compare test test-all lock clean-outputs
 
 # The stamp records what was installed; asking for another lock (or TORCH_SPEC) re-installs.
 INSTALL_FROM := $(if $(TORCH_SPEC),ranges $(TORCH_SPEC),$(LOCK))
@@ -82,6 +82,14 @@ lock: $(VENV)/.installed
 THREADS ?= 2
 run: install
 	OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) $(VENV)/bin/dvc repro
+
+# The comparison pipeline (comparison/dvc.yaml: every model of compare.models at every seed of
+# compare.seeds, then the report), its model x seed runs JOBS at a time in this workspace, each at
+# cores // JOBS threads (multifusion.core.parallel_repro; docs/experiments.md). JOBS=1: one at a time.
+JOBS ?= 2
+compare: install
+	$(PY) -m multifusion.core.parallel_repro --jobs $(JOBS) comparison/dvc.yaml:compare
+	$(VENV)/bin/dvc repro comparison/dvc.yaml
 
 # The default suite: every test not marked slow (pyproject.toml), one end-to-end smoke run of the
 # pipeline among them; test-all adds the slow ones (see README, "Tests").
