@@ -116,11 +116,18 @@ def start(run: StageRun, threads: int) -> tuple[subprocess.Popen, Path]:
     return process, log
 
 
-def commit(address: str) -> None:
-    """Record a finished stage in dvc.lock (and its cached outputs in the cache)."""
-    done = subprocess.run(dvc_command("commit", "-f", address), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"dvc commit {address} failed: {done.stderr.strip() or done.stdout.strip()}")
+def commit(address: str, lock_wait: float = 300.0) -> None:
+    """Record a finished stage in dvc.lock (and its cached outputs in the cache). While another
+    DVC command holds the workspace (a `dvc status` in another shell), retry for ``lock_wait`` s."""
+    deadline = time.monotonic() + lock_wait
+    while True:
+        done = subprocess.run(dvc_command("commit", "-f", address), capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        message = done.stderr.strip() or done.stdout.strip()
+        if "Unable to acquire lock" not in message or time.monotonic() > deadline:
+            raise RuntimeError(f"dvc commit {address} failed: {one_line(message)}")
+        time.sleep(5)
 
 
 def parallel_repro(targets: list[str], jobs: int, poll: float = 2.0) -> list[str]:
@@ -153,12 +160,17 @@ def parallel_repro(targets: list[str], jobs: int, poll: float = 2.0) -> list[str
                     continue
                 del running[address]
                 seconds = time.perf_counter() - started
-                if process.returncode == 0:
-                    commit(address)
-                    print(f"  done {address} in {seconds:.0f} s, recorded in dvc.lock", flush=True)
-                else:
+                if process.returncode != 0:
                     failed.append(address)
                     print(f"  FAILED {address} (exit {process.returncode}); see {log}", flush=True)
+                    continue
+                try:
+                    commit(address)
+                except RuntimeError as exc:  # ran, but DVC could not record it: the next run redoes it
+                    failed.append(address)
+                    print(f"  NOT RECORDED {address}: {exc}", flush=True)
+                else:
+                    print(f"  done {address} in {seconds:.0f} s, recorded in dvc.lock", flush=True)
     except KeyboardInterrupt:
         for process, _, _ in running.values():
             os.killpg(process.pid, signal.SIGINT)  # the stage's own Ctrl-C: checkpoints kept
