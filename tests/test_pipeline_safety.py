@@ -360,15 +360,20 @@ def alive(pid: int) -> bool:
         return True
 
 
-def start_family(tmp_path: Path, env: dict, through_shell: bool = False) -> tuple[subprocess.Popen, int, int]:
-    """parent -> (shell ->) child stage -> forked worker; returns (parent, child pid, worker pid)."""
+def start_family(tmp_path: Path, env: dict, through_shell: bool = False,
+                 grandparent: bool = False) -> tuple[subprocess.Popen, int, int]:
+    """(grandparent ->) parent -> (shell ->) child stage -> forked worker; returns (the first
+    process, child pid, worker pid)."""
     (tmp_path / "child.py").write_text(CHILD)
     child = [sys.executable, str(tmp_path / "child.py")]
     if through_shell:  # `; true`: the shell cannot exec the command, it stays in between
         child = ["/bin/bash", "-c", f"{sys.executable} {tmp_path / 'child.py'}; true"]
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, *child], env=env, stdout=subprocess.PIPE, text=True)
-    child_pid, worker_pid = map(int, parent.stdout.readline().split())
-    return parent, child_pid, worker_pid
+    parent = [sys.executable, "-c", PARENT, *child]
+    if grandparent:  # the terminal that ran `nohup dvc repro &`
+        parent = [sys.executable, "-c", PARENT, *parent]
+    first = subprocess.Popen(parent, env=env, stdout=subprocess.PIPE, text=True)
+    child_pid, worker_pid = map(int, first.stdout.readline().split())
+    return first, child_pid, worker_pid
 
 
 def wait_gone(pids: list[int], seconds: float) -> list[int]:
@@ -396,6 +401,24 @@ def test_kill_9_of_the_parent_stops_the_stage_and_its_workers(tmp_path, case):
         for pid in (child, worker):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("through_shell", [False, True], ids=["direct", "shell in between"])
+def test_a_stage_outlives_the_terminal_that_started_dvc(tmp_path, through_shell):
+    """`nohup dvc repro &`, then the terminal closes: DVC is re-parented and runs on, and so do
+    its stages (the portable fallback alone watches ancestors)."""
+    env = {**ENV, "NO_PRCTL": "1", "ARM": "run_stage", "DVC_STAGE": "train"}
+    terminal, child, worker = start_family(tmp_path, env, through_shell=through_shell, grandparent=True)
+    try:
+        os.kill(terminal.pid, signal.SIGKILL)
+        terminal.wait()
+        assert wait_gone([child], 1.0) == [child], "the stage stopped when the terminal above DVC closed"
+    finally:
+        for pid in (child, worker):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "child.py")], check=False)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -62,18 +62,21 @@ def _proc_name(pid: int) -> str:
 
 
 def watched_chain(parent: int) -> list[tuple[int, int | None]]:
-    """[(pid, its parent pid)] to keep checking: the parent, and when the parent is a shell
-    (``$SHELL -c cmd`` that did not exec), the shell's parent too."""
-    chain = [(parent, _proc_parent(parent))]
-    if _proc_name(parent) in SHELLS and chain[0][1] not in (None, 0, 1):
-        grand = chain[0][1]
-        chain.append((grand, _proc_parent(grand)))
-    return chain
+    """[(pid, the parent it must keep, or None)] to keep checking; the last pid is the process
+    that started this one. The parent (DVC) only has to stay this process's parent. When the
+    parent is a shell (``$SHELL -c cmd`` that did not exec), the shell must keep its own parent,
+    DVC (a dead process's children are re-parented). DVC's own parent is never watched:
+    ``nohup dvc repro &`` outlives the terminal that started it, and so must its stages."""
+    if _proc_name(parent) in SHELLS:
+        dvc = _proc_parent(parent)
+        if dvc not in (None, 0, 1):
+            return [(parent, dvc), (dvc, None)]
+    return [(parent, None)]
 
 
 def chain_alive(chain: list[tuple[int, int | None]]) -> bool:
-    """True while this process's parent is unchanged and every watched ancestor still has
-    the parent it had at start (a dead process's children are re-parented)."""
+    """True while this process's parent is unchanged and every watched shell still has the
+    parent it had at start."""
     if os.getppid() != chain[0][0]:
         return False
     for pid, its_parent in chain:
