@@ -180,8 +180,8 @@ def test_mrconv_relative_term_and_gradient_match_the_reference_order() -> None:
 
 @pytest.mark.parametrize("k", [1, 4, 14])
 def test_max_over_neighbours_matches_gather_and_amax(k: int) -> None:
-    """The row-gather max equals PyTorch's gather + amax on random inputs: the same values bit for
-    bit with and without autograd (the in-place path), and the same gradient."""
+    """Both paths equal PyTorch's gather + amax on random inputs bit for bit: the autograd path
+    (with its gradient) and the in-place row fold of inference."""
     from multifusion.model.baselines.vig import gather_nodes, max_over_neighbours
 
     torch.manual_seed(k)
