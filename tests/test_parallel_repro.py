@@ -25,7 +25,8 @@ WORK = textwrap.dedent(
     if name == "bad":
         sys.exit("refused")
     started = time.time()
-    time.sleep(1.5)  # long enough that two stages overlap
+    pathlib.Path(f"{name}.pid").write_text(str(os.getpid()))
+    time.sleep(60 if name == "slow" else 1.5)  # long enough that two stages overlap
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "runs").open("a").write("x")  # persist: survives a re-run
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,42 @@ def test_a_failing_stage_is_named_and_left_unrecorded_the_others_recorded(tmp_pa
     assert "work@bad" in status and "work@a" not in status
     lock = (repo / "dvc.lock").read_text()
     assert "work@a:" in lock and "work@bad:" not in lock
+
+
+def test_a_kill_of_a_runner_started_in_the_background_stops_its_stages(tmp_path: Path) -> None:
+    """`make compare &` from a script: SIGINT comes ignored, so SIGTERM stops the runner, which
+    passes it on to the running stages and records none of them."""
+    import os
+    import signal
+    import time
+
+    repo = make_repo(tmp_path, ["slow"])
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    runner = subprocess.Popen([sys.executable, "-m", "multifusion.core.parallel_repro", "dvc.yaml:work"], cwd=repo,
+                              env={**os.environ, "PYTHONPATH": src, "DVC_NO_ANALYTICS": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    pid_file = repo / "slow.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stage = int(pid_file.read_text())
+    runner.send_signal(signal.SIGINT)  # ignored, as in a background job of a script
+    time.sleep(0.5)
+    assert runner.poll() is None
+    runner.terminate()
+    _, err = runner.communicate(timeout=30)
+    assert runner.returncode == 130 and "interrupted" in err, err
+    def running(pid: int) -> bool:  # a zombie waiting for its reaper has stopped
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while running(stage) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(stage), "the stage outlived the runner's kill"
+    assert "work@slow:" not in (repo / "dvc.lock").read_text()
 
 
 def test_an_unknown_target_is_one_line(tmp_path: Path) -> None:

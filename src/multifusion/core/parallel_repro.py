@@ -22,8 +22,9 @@ runs of several experiments cannot be merged into one workspace's 3-seed report
 4. each that exits 0 is recorded with ``dvc commit -f <stage>``: its deps, params and
    outputs hashed into dvc.lock and its cached outputs stored, one commit at a time.
 
-A stage that fails is named with its log and left unrecorded; the others go on. Ctrl-C stops
-the running commands (their checkpoints stay for the next run); each command is tied to this
+A stage that fails is named with its log and left unrecorded; the others go on. Ctrl-C, or a
+``kill`` (SIGTERM) of a runner started in the background, stops the running commands with the
+same signal (their checkpoints stay for the next run); each command is tied to this
 process as DVC ties a stage to itself (``DVC_STAGE``, :mod:`multifusion.core.lifeline`), so
 a kill of this process stops them too. Only stages whose command
 does not itself call DVC belong in such a group.
@@ -171,13 +172,24 @@ def parallel_repro(targets: list[str], jobs: int, poll: float = 2.0) -> list[str
                     print(f"  NOT RECORDED {address}: {exc}", flush=True)
                 else:
                     print(f"  done {address} in {seconds:.0f} s, recorded in dvc.lock", flush=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         for process, _, _ in running.values():
-            os.killpg(process.pid, signal.SIGINT)  # the stage's own Ctrl-C: checkpoints kept
+            os.killpg(process.pid, getattr(stop, "signum", signal.SIGINT))  # the stage's own Ctrl-C or kill: checkpoints kept
         for process, _, _ in running.values():
             process.wait()
         raise
     return failed
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: a runner started in the background by a script has
+    SIGINT ignored (and so do the stages it starts), so ``kill`` is how it is stopped."""
+
+    signum = signal.SIGTERM
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from dvc.exceptions import DvcException
 
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         failed = parallel_repro(args.targets, args.jobs)
     except KeyboardInterrupt:
