@@ -210,6 +210,38 @@ def test_augmentation_is_seeded_and_geometric_ops_are_exact(make_config):
     assert torch.allclose(augment_batch(x, crop, torch.Generator()), x, atol=1e-3)
 
 
+def test_info_bars_cover_the_bottom_rows_only_in_two_shades(make_config, monkeypatch):
+    """burn_info_bars: with probability 1 every image gets a bar of 4-20% of its rows, pure black
+    and white, the rows above untouched; probability 0 is the identity. In augment_batch the bar
+    comes before the turns (so it lands on every side), and off it draws nothing, so the default
+    augmentation's random stream (and a default training) is unchanged."""
+    import multifusion.data.dataset as dataset
+
+    x = torch.rand(64, 1, 50, 50) * 0.8 + 0.1  # (B, 1, S, S), never exactly 0 or 1
+    y = dataset.burn_info_bars(x, 1.0, torch.Generator().manual_seed(0))
+    changed_rows = (y != x).any(dim=-1)[:, 0]  # (B, S)
+    heights = changed_rows.sum(dim=1)
+    assert heights.min() >= 2 and heights.max() <= 10  # 4% and 20% of 50 rows
+    for image, bar_rows, h in zip(y[:, 0], changed_rows, heights):
+        assert bar_rows[-h:].all() and not bar_rows[:-h].any()  # one strip, at the bottom
+        assert set(image[-h:].unique().tolist()) <= {0.0, 1.0}  # a bar, with text / scale in the other shade
+    shades = y[:, 0, -1, 0]  # the bottom-left pixel: the bar's own shade (text starts on the middle rows)
+    assert 0 < shades.sum() < len(shades)  # both black and white bars
+    assert torch.equal(dataset.burn_info_bars(x, 0.0, torch.Generator()), x)
+    some = dataset.burn_info_bars(x, 0.3, torch.Generator().manual_seed(1))
+    assert 5 < (some != x).flatten(1).any(dim=1).sum() < 40
+
+    off = dataclasses.replace(make_config().train.augment, crop_scale=1.0, brightness=0.0, contrast=0.0, noise=0.0)
+    turned = augment_batch(x, dataclasses.replace(off, info_bar=1.0, flips=True, rot90=True), torch.Generator().manual_seed(2))
+    binary = (turned == 0) | (turned == 1)  # (B, 1, S, S)
+    sides = {side for image in binary[:, 0] for side, edge in
+             (("bottom", image[-1]), ("top", image[0]), ("left", image[:, 0]), ("right", image[:, -1])) if edge.all()}
+    assert sides == {"bottom", "top", "left", "right"}
+    assert off.info_bar == 0.0  # the default
+    monkeypatch.setattr(dataset, "burn_info_bars", lambda *a: pytest.fail("drew an info bar while off"))
+    augment_batch(x, off, torch.Generator())
+
+
 def test_fit_early_stops_and_writes_model_live_checkpoint(make_prepared, worker, repo_root, tmp_path, capsys):
     prepared = make_prepared()
     out = tmp_path / "run"

@@ -166,6 +166,7 @@ class AugmentConfig:
     brightness: float
     contrast: float
     noise: float
+    info_bar: float  # probability per image of a burnt-in instrument bar (``burn_info_bars``)
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,7 @@ RULES: dict[str, Check] = {
     "train.patience": at_least(0), "train.num_workers": at_least(0), "train.device": one_of(DEVICES),
     "train.grad_clip": at_least(0), "train.augment.crop_scale": in_range(0.0, 1.0, low_open=True),
     "train.augment.brightness": at_least(0), "train.augment.contrast": at_least(0), "train.augment.noise": at_least(0),
+    "train.augment.info_bar": in_range(0.0, 1.0),
     "pretrain.method": one_of(PRETRAIN_METHODS), "pretrain.epochs": at_least(1), "pretrain.batch_size": at_least(2),
     "pretrain.lr": POSITIVE, "pretrain.weight_decay": at_least(0), "pretrain.warmup_epochs": at_least(0),
     "pretrain.momentum": in_range(0.0, 1.0), "pretrain.projection_dim": at_least(1), "pretrain.hidden_dim": at_least(1),

@@ -165,14 +165,48 @@ def random_resized_crop(x: torch.Tensor, min_area: float, gen: torch.Generator) 
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def burn_info_bars(x: torch.Tensor, probability: float, gen: torch.Generator) -> torch.Tensor:
+    """x (B, 1, S, S) in [0, 1] -> the same, each image with ``probability`` given an instrument
+    info bar over its bottom rows: what an uncropped micrograph shows when the info-bar crop of
+    ``prepare`` misses it.
+
+    The bar covers 4-20% of the rows, black or white, with "text" of the other shade (half the
+    pixels of its middle rows, over a random 30-70% of the width from the left) and a scale bar
+    (a line a quarter of the bar thick, from 75-90% of the width to the edge). Random in height,
+    shade and extent, so it is never the robustness stage's one rendered bar.
+    """
+    B, S, device = x.shape[0], x.shape[-1], x.device
+    chosen = torch.rand(B, generator=gen, device=device) < probability  # (B,)
+    heights = torch.randint(max(1, round(0.04 * S)), max(1, round(0.2 * S)) + 1, (B,), generator=gen, device=device)  # (B,)
+    shade = (torch.rand(B, generator=gen, device=device) < 0.5).to(x.dtype)  # (B,) 0: black bar, 1: white bar
+    text_end = _uniform(B, 0.3, 0.7, gen, device) * S  # (B,) columns of text
+    scale_start = _uniform(B, 0.75, 0.9, gen, device) * S  # (B,) first column of the scale bar
+    glyphs = torch.rand(B, S, S, generator=gen, device=device) < 0.5  # (B, S, S)
+    offset = torch.arange(S, device=device)[None, :] - (S - heights)[:, None]  # (B, S) row index inside the bar
+    cols = torch.arange(S, device=device)[None, None, :]  # (1, 1, S)
+    h = heights[:, None]  # (B, 1)
+    thick = (h // 4).clamp(min=1)
+    text_rows = (offset >= h // 4) & (offset < h - h // 4)  # (B, S)
+    scale_rows = (offset >= h // 2 - thick // 2) & (offset < h // 2 - thick // 2 + thick)  # (B, S)
+    text = text_rows[:, :, None] & (cols < text_end[:, None, None]) & glyphs  # (B, S, S)
+    scale = scale_rows[:, :, None] & (cols >= scale_start[:, None, None]) & (cols < S - 1)  # (B, S, S)
+    bar = torch.where(text | scale, 1 - shade[:, None, None], shade[:, None, None])  # (B, S, S)
+    in_bar = (offset >= 0) & chosen[:, None]  # (B, S)
+    return torch.where(in_bar[:, None, :, None], bar[:, None], x)
+
+
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Micrograph augmentation on a batch x (B, 1, S, S) in [0, 1]; returns the same shape.
 
-    Flips and 90-degree rotations (micrographs have no canonical orientation), a random
-    resized crop (magnification change), brightness/contrast jitter and Gaussian noise
-    (detector settings). Random draws come from ``gen`` (on x's device).
+    An info bar left in (before the turns, so it lands on every side, as the eight test-time
+    views show it), flips and 90-degree rotations (micrographs have no canonical orientation),
+    a random resized crop (magnification change), brightness/contrast jitter and Gaussian
+    noise (detector settings). Random draws come from ``gen`` (on x's device); an augmentation
+    that is off draws nothing.
     """
     B, device = x.shape[0], x.device
+    if aug.info_bar > 0:
+        x = burn_info_bars(x, aug.info_bar, gen)
     if aug.flips:
         flip_h = torch.rand(B, generator=gen, device=device) < 0.5
         flip_v = torch.rand(B, generator=gen, device=device) < 0.5

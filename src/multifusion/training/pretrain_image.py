@@ -136,7 +136,8 @@ def shift_crop(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tenso
 def view(x: torch.Tensor, pretrain: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
     """One random view of a batch in [0, 1] (B, 1, S, S), normalised for the model (see the
     module docstring for why these transforms and no others)."""
-    dihedral_noise = AugmentConfig(flips=True, rot90=True, crop_scale=1.0, brightness=0.0, contrast=0.0, noise=pretrain.noise)
+    dihedral_noise = AugmentConfig(flips=True, rot90=True, crop_scale=1.0, brightness=0.0, contrast=0.0, noise=pretrain.noise,
+                                   info_bar=0.0)
     return normalize(augment_batch(shift_crop(x, pretrain.shift, gen), dihedral_noise, gen))
 
 
