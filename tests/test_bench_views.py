@@ -1,4 +1,4 @@
-"""bench/adaptive_views.py: the cheaper view policies it scores, against a direct computation."""
+"""bench/adaptive_views.py and bench/robustness_pair.py: the view policies and the paired counts they report, against direct computations."""
 
 from __future__ import annotations
 
@@ -34,3 +34,31 @@ def test_cheaper_policies_average_the_right_views_on_the_uncertain_images_only()
     nothing, passes = adaptive_views.cheaper_policies(views, temperature, 0.0)["cascade 2 then 8"]
     np.testing.assert_array_equal(nothing, views[0])
     assert passes == 1
+
+
+def test_robustness_pair_counts_the_images_each_run_alone_gets_right():
+    spec = importlib.util.spec_from_file_location("robustness_pair", BENCH / "robustness_pair.py")
+    robustness_pair = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robustness_pair)
+
+    labels = [0, 1, 2, 0, 1, 2]
+
+    def run(clean: list[int], shifted: list[int]) -> dict:
+        return {"labels": labels, "clean": {"accuracy": np.mean(np.equal(clean, labels)), "predictions": clean},
+                "shifts": {"info_bar": {"0.08": {"severity": 0.08, "level": 1, "accuracy": np.mean(np.equal(shifted, labels)),
+                                                 "predictions": shifted}}}}
+
+    a = run([0, 1, 2, 0, 1, 2], [0, 0, 0, 0, 1, 2])  # shifted: 4 right
+    b = run([0, 1, 2, 0, 1, 0], [0, 1, 2, 1, 1, 2])  # shifted: 5 right; images 1, 2 only here, 3 only in a
+    rows = robustness_pair.pair_rows(a, b)
+    assert [r[0] for r in rows] == ["clean (1 view)", "info_bar 1 (0.08)"]
+    clean, shifted = rows
+    assert clean[1:5] == (1.0, 5 / 6, 1, 0)
+    assert shifted[1:5] == (4 / 6, 5 / 6, 1, 2) and shifted[5] == 1.0  # exact McNemar of 1 / 2
+    b["labels"] = [1] * 6
+    try:
+        robustness_pair.pair_rows(a, b)
+    except ValueError as exc:
+        assert "different test images" in str(exc)
+    else:
+        raise AssertionError("runs of different test images were paired")
