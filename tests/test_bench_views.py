@@ -1,4 +1,4 @@
-"""bench/adaptive_views.py and bench/robustness_pair.py: the view policies and the paired counts they report, against direct computations."""
+"""Bench helpers (adaptive_views, robustness_pair, standardize_probe) against direct computations."""
 
 from __future__ import annotations
 
@@ -62,3 +62,26 @@ def test_robustness_pair_counts_the_images_each_run_alone_gets_right():
         assert "different test images" in str(exc)
     else:
         raise AssertionError("runs of different test images were paired")
+
+
+def test_standardize_probe_gives_every_image_the_same_mean_and_spread():
+    spec = importlib.util.spec_from_file_location("standardize_probe", BENCH / "standardize_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (6, 32, 32))
+    images = np.clip(base * rng.uniform(20, 40, (6, 1, 1)) + rng.uniform(60, 190, (6, 1, 1)), 0, 255).astype(np.uint8)
+    out = probe.standardize(images)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    flat = out.reshape(6, -1).astype(float)
+    np.testing.assert_allclose(flat.mean(1), probe.MEAN, atol=1.5)
+    np.testing.assert_allclose(flat.std(1), probe.STD, rtol=0.05)
+    # a brightness and contrast change of the input does not show in the output (up to rounding)
+    brighter = np.clip(images.astype(float) * 0.7 + 30, 0, 255).astype(np.uint8)
+    change = np.abs(probe.standardize(brighter).astype(int) - out.astype(int))  # the input's 8-bit steps, scaled up
+    assert change.mean() < 1.5 and change.max() <= 6
+    assert probe.standardize(np.full((1, 4, 4), 77, np.uint8)).tolist() == [[[128] * 4] * 4]  # flat: level moved only
+    stats = probe.grey_stats(images)
+    np.testing.assert_allclose(stats[:, 0], images.reshape(6, -1).mean(1))
+    np.testing.assert_allclose(stats[:, 3], np.percentile(images.reshape(6, -1), 95, axis=1))
