@@ -9,9 +9,17 @@ import numpy as np
 import torch
 
 BENCH = Path(__file__).parents[1] / "bench"
-spec = importlib.util.spec_from_file_location("adaptive_views", BENCH / "adaptive_views.py")
-adaptive_views = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(adaptive_views)
+
+
+def load_bench(name: str):
+    """The bench script ``bench/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+adaptive_views = load_bench("adaptive_views")
 
 
 def test_cheaper_policies_average_the_right_views_on_the_uncertain_images_only():
@@ -37,9 +45,7 @@ def test_cheaper_policies_average_the_right_views_on_the_uncertain_images_only()
 
 
 def test_robustness_pair_counts_the_images_each_run_alone_gets_right():
-    spec = importlib.util.spec_from_file_location("robustness_pair", BENCH / "robustness_pair.py")
-    robustness_pair = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(robustness_pair)
+    robustness_pair = load_bench("robustness_pair")
 
     labels = [0, 1, 2, 0, 1, 2]
 
@@ -65,9 +71,7 @@ def test_robustness_pair_counts_the_images_each_run_alone_gets_right():
 
 
 def test_standardize_probe_gives_every_image_the_same_mean_and_spread():
-    spec = importlib.util.spec_from_file_location("standardize_probe", BENCH / "standardize_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_bench("standardize_probe")
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (6, 32, 32))
