@@ -1,18 +1,19 @@
 """Does a model need the micrographs' absolute grey levels? A copy of a prepared set with every
-image's grey levels standardized (each image its own mean and spread: a brightness or contrast
-setting of the microscope no longer shows), to train and score on in place of the original.
+image's grey levels standardized as ``data.grey_levels: standardize`` does it
+(``multifusion.data.preprocess.standardize_grey_levels``), for an A/B on one prepared split
+without re-ingesting the folder.
 
     python bench/standardize_probe.py data/prepared /tmp/std/data/prepared
     # then, in a workspace whose data/prepared is that copy (and data/text_features the original's):
     python stages/compare.py --model multifusion --seed 42 --prepared data/prepared --text data/text_features ...
 
 It first prints how far grey levels alone go: a random forest on four statistics of each image
-(``grey_stats``), on the original and on the copy. Every split is standardized the same way (``standardize``: mean 128, standard deviation 48 grey
-levels, clipped to 0-255), so train, val and test stay one distribution; the split, labels and
-groups are the original's. Where the standardized model scores as the original does, the classes
-are told apart by texture, not by acquisition settings, and a standardized input policy would make
-the model indifferent to brightness and contrast; where it scores lower, grey level carries part
-of the evidence (or of the acquisition's confounds).
+(``grey_stats``), on the given set and on the copy. Every split is standardized the same way, so
+train, val and test stay one distribution; the split, labels and groups are the original's. Where
+the standardized model scores as the original does, the classes are told apart by texture, not by
+acquisition settings; where it scores lower, grey level carries part of the evidence (or of the
+acquisition's confounds). On a set prepared with ``data.grey_levels: standardize`` the copy is
+the set itself (standardizing twice changes only rounding).
 """
 
 from __future__ import annotations
@@ -25,18 +26,7 @@ import numpy as np
 
 from multifusion.core.atomic import atomic_path
 from multifusion.data.dataset import IMAGES, load_prepared
-
-MEAN, STD = 128.0, 48.0
-
-
-def standardize(images: np.ndarray, mean: float = MEAN, std: float = STD) -> np.ndarray:
-    """uint8 (N, S, S) -> uint8 (N, S, S): each image's grey levels shifted and scaled to ``mean``
-    and ``std`` (a flat image keeps its level shifted to ``mean``), rounded and clipped to 0-255."""
-    x = images.astype(np.float64)
-    mu = x.mean(axis=(1, 2), keepdims=True)  # (N, 1, 1)
-    sigma = x.std(axis=(1, 2), keepdims=True)  # (N, 1, 1)
-    scaled = (x - mu) / np.where(sigma > 0, sigma, 1.0) * std + mean
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+from multifusion.data.grey_levels import GREY_MEAN, GREY_STD, standardize_grey_levels
 
 
 def grey_stats(images: np.ndarray) -> np.ndarray:
@@ -65,7 +55,7 @@ def main() -> None:
         raise SystemExit(f"{args.out}: write the copy to another directory than the prepared set")
     prepared = load_prepared(args.prepared)
     images = np.asarray(prepared.images)
-    standardized = standardize(images)
+    standardized = standardize_grey_levels(images)
     labels, split = prepared.manifest["label"].to_numpy(), prepared.manifest["split"].to_numpy()
     majority = np.bincount(labels[split == "test"]).max() / (split == "test").sum()
     print(f"grey-level statistics alone (mean, std, 5th / 95th percentile; random forest): test top-1 "
@@ -78,7 +68,7 @@ def main() -> None:
         if path.is_file() and path.name != IMAGES:
             with atomic_path(args.out / path.name) as tmp:
                 shutil.copyfile(path, tmp)
-    print(f"{args.out}: {len(prepared.manifest)} images standardized to mean {MEAN:g}, std {STD:g}")
+    print(f"{args.out}: {len(prepared.manifest)} images standardized to mean {GREY_MEAN:g}, std {GREY_STD:g}")
 
 
 if __name__ == "__main__":

@@ -70,22 +70,10 @@ def test_robustness_pair_counts_the_images_each_run_alone_gets_right():
         raise AssertionError("runs of different test images were paired")
 
 
-def test_standardize_probe_gives_every_image_the_same_mean_and_spread():
+def test_standardize_probe_grey_stats_are_each_images_statistics():
     probe = load_bench("standardize_probe")
-
-    rng = np.random.default_rng(0)
-    base = rng.normal(0, 1, (6, 32, 32))
-    images = np.clip(base * rng.uniform(20, 40, (6, 1, 1)) + rng.uniform(60, 190, (6, 1, 1)), 0, 255).astype(np.uint8)
-    out = probe.standardize(images)
-    assert out.dtype == np.uint8 and out.shape == images.shape
-    flat = out.reshape(6, -1).astype(float)
-    np.testing.assert_allclose(flat.mean(1), probe.MEAN, atol=1.5)
-    np.testing.assert_allclose(flat.std(1), probe.STD, rtol=0.05)
-    # a brightness and contrast change of the input does not show in the output (up to rounding)
-    brighter = np.clip(images.astype(float) * 0.7 + 30, 0, 255).astype(np.uint8)
-    change = np.abs(probe.standardize(brighter).astype(int) - out.astype(int))  # the input's 8-bit steps, scaled up
-    assert change.mean() < 1.5 and change.max() <= 6
-    assert probe.standardize(np.full((1, 4, 4), 77, np.uint8)).tolist() == [[[128] * 4] * 4]  # flat: level moved only
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
     stats = probe.grey_stats(images)
-    np.testing.assert_allclose(stats[:, 0], images.reshape(6, -1).mean(1))
-    np.testing.assert_allclose(stats[:, 3], np.percentile(images.reshape(6, -1), 95, axis=1))
+    flat = images.reshape(6, -1).astype(float)
+    np.testing.assert_allclose(stats, np.stack([flat.mean(1), flat.std(1), np.percentile(flat, 5, axis=1),
+                                                np.percentile(flat, 95, axis=1)], axis=1))

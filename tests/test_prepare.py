@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from multifusion.data.decode import decode_grey
-from multifusion.data.hashes import perceptual_hash
+from multifusion.data.hashes import image_sha256, perceptual_hash
 from multifusion.data.prepare import PrepareError, prepare_dataset
+from multifusion.data.grey_levels import GREY_MEAN, GREY_STD, standardize_grey_levels
 from multifusion.data.preprocess import load_micrograph
 from multifusion.data.split import assign_splits, connected_groups, near_duplicate_pairs, pattern_pairs
 
@@ -291,6 +292,48 @@ def test_ncm_fixtures_prepared_without_bar(tmp_path, make_config):
     assert manifest.bar_rows.between(25, 29).all()
     images = np.load(tmp_path / "out" / "images.npy")
     assert not ((images < 6).mean(axis=2) >= 0.9).any()
+
+
+def test_standardized_grey_levels_hide_brightness_and_contrast():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (6, 32, 32))
+    images = np.clip(base * rng.uniform(20, 40, (6, 1, 1)) + rng.uniform(60, 190, (6, 1, 1)), 0, 255).astype(np.uint8)
+    out = standardize_grey_levels(images)
+    assert out.dtype == np.uint8 and out.shape == images.shape
+    flat = out.reshape(6, -1).astype(float)
+    np.testing.assert_allclose(flat.mean(1), GREY_MEAN, atol=1.5)
+    np.testing.assert_allclose(flat.std(1), GREY_STD, rtol=0.05)
+    # a brightness and contrast change of the input does not show in the output (up to rounding)
+    brighter = np.clip(images.astype(float) * 0.7 + 30, 0, 255).astype(np.uint8)
+    change = np.abs(standardize_grey_levels(brighter).astype(int) - out.astype(int))  # the input's 8-bit steps, scaled up
+    assert change.mean() < 1.5 and change.max() <= 6
+    assert standardize_grey_levels(np.full((1, 4, 4), 77, np.uint8)).tolist() == [[[128] * 4] * 4]  # flat: level moved only
+    np.testing.assert_array_equal(standardize_grey_levels(images[2]), out[2])  # one image as in a batch
+
+
+def test_grey_levels_policy_is_the_same_in_prepare_and_predict(tmp_path, make_config):
+    """data.grey_levels=standardize: prepare stores each image standardized, bit for bit what
+    standardizing the raw prepared image gives, and a darker, flatter exposure of a micrograph
+    reaches the model as the original does (predict reads files through load_micrograph)."""
+    for c, name in enumerate(["Alpha", "Beta"]):
+        for i in range(4):
+            save(tmp_path / "raw" / name / f"{i}.png", texture(10 * c + i))
+    raw = make_config({"data.grey_levels": "raw"}).data
+    std = make_config({"data.grey_levels": "standardize"}).data
+    prepare_dataset(tmp_path / "raw", tmp_path / "out_raw", raw, 0, progress=False)
+    prepare_dataset(tmp_path / "raw", tmp_path / "out_std", std, 0, progress=False)
+    raw_images, std_images = np.load(tmp_path / "out_raw" / "images.npy"), np.load(tmp_path / "out_std" / "images.npy")
+    np.testing.assert_array_equal(std_images, standardize_grey_levels(raw_images))
+    raw_rows, std_rows = (pd.read_parquet(tmp_path / out / "manifest.parquet") for out in ("out_raw", "out_std"))
+    assert raw_rows.drop(columns="sha256").equals(std_rows.drop(columns="sha256"))  # split, groups, hashes of the files
+    assert std_rows.sha256.tolist() == [image_sha256(image) for image in std_images]  # of what the model sees
+
+    original = texture(3)
+    darker = save(tmp_path / "darker.png", (original.astype(float) * 0.6 + 20).astype(np.uint8))
+    source = save(tmp_path / "original.png", original)
+    as_model_sees = np.abs(load_micrograph(darker, std).astype(int) - load_micrograph(source, std).astype(int))
+    assert as_model_sees.mean() < 1.5  # rounding of the 8-bit levels only
+    assert abs(load_micrograph(darker, raw).mean() - load_micrograph(source, raw).mean()) > 20
 
 
 def _blas_threads(_: str) -> tuple[list[int], int]:

@@ -187,7 +187,7 @@ def test_evaluate_under_shifts_scores_each_severity(make_config):
     from multifusion.data.dataset import to_model_input
     from multifusion.evaluation.robustness import evaluate_under_shifts, robustness_table
 
-    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5})
+    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5, "data.grey_levels": "raw"})
     rng = np.random.default_rng(3)
     labels = np.array([0, 1] * 6)
     images = np.where(labels[:, None, None] == 1, 170, 80).astype(np.uint8) + rng.integers(0, 5, (12, 32, 32)).astype(
@@ -211,7 +211,7 @@ def test_evaluate_under_shifts_keeps_per_image_calls_when_asked(make_config):
     from multifusion.data.dataset import to_model_input
     from multifusion.evaluation.robustness import evaluate_under_shifts, robustness_table
 
-    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5})
+    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 5, "data.grey_levels": "raw"})
     labels = np.array([0, 1] * 6)
     images = np.where(labels[:, None, None] == 1, 170, 80).astype(np.uint8) + np.zeros((12, 32, 32), np.uint8)
     model = MeanBrightnessClassifier(to_model_input(np.full((1, 8, 8), 125, np.uint8)).mean().item())
@@ -225,3 +225,38 @@ def test_evaluate_under_shifts_keeps_per_image_calls_when_asked(make_config):
     plain = evaluate_under_shifts(model, images, labels, cfg)
     assert "labels" not in plain and "predictions" not in plain["clean"]
     assert list(robustness_table(kept, "toy").columns) == list(robustness_table(plain, "toy").columns)
+
+
+class MeanRecorder(torch.nn.Module):
+    """Records each input image's mean (model-input units); calls every image class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.means: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, S, S) -> (B, 2)
+        self.means += x.mean(dim=(1, 2, 3)).tolist()
+        return torch.zeros(x.shape[0], 2)
+
+
+@pytest.mark.parametrize("grey_levels", ["standardize", "raw"])
+def test_a_shifted_image_goes_through_the_grey_level_policy_again(make_config, grey_levels):
+    """Under data.grey_levels=standardize every shifted image reaches the model standardized again
+    (mean 128 grey levels), as a micrograph taken at that setting would in predict; under raw the
+    brightness shift shows."""
+    from multifusion.data.dataset import to_model_input
+    from multifusion.data.grey_levels import GREY_MEAN, standardize_grey_levels
+    from multifusion.evaluation.robustness import evaluate_under_shifts
+
+    cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 6, "data.grey_levels": grey_levels})
+    images = standardize_grey_levels(textured(6, 48))  # as prepare stores them under standardize
+    model = MeanRecorder()
+    evaluate_under_shifts(model, images, np.zeros(6, int), cfg)
+    means = np.array(model.means)  # every image of every level, clean first
+    target = to_model_input(np.full((1, 1, 1), GREY_MEAN, np.uint8)).item()
+    n_before_brightness = 6 * (1 + sum(len(getattr(cfg.robustness, name)) for name in list(SHIFTS)[: list(SHIFTS).index("brightness")]))
+    bright = means[n_before_brightness : n_before_brightness + 6]
+    if grey_levels == "standardize":
+        np.testing.assert_allclose(means, target, atol=0.05)  # 3 grey levels: rounding and clipping
+    else:
+        assert (bright > target + 0.5).all()  # +0.5 of the range, not undone

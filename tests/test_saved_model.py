@@ -58,7 +58,7 @@ def test_the_card_holds_the_model_alone(tiny_model):
     assert card["architecture"]["name"] == "multifusion"
     assert set(card["architecture"]["args"]) == {"hnf", "graph", "fusion"}  # its own sections, no others
     assert card["input"] == {"image_size": 16, "aspect": cfg.data.aspect, "infobar": cfg.data.infobar,
-                             "max_pixels": cfg.data.max_pixels, "tta": cfg.evaluate.tta}
+                             "grey_levels": cfg.data.grey_levels, "max_pixels": cfg.data.max_pixels, "tta": cfg.evaluate.tta}
     assert "compare" not in json.dumps(card) and "robustness" not in json.dumps(card)
 
 
@@ -105,6 +105,20 @@ def test_a_class_count_the_head_does_not_have_is_one_line(make_config, tmp_path)
     edit_card(tmp_path / "m", lambda c: c["classes"].append("Tips"))
     with pytest.raises(ModelDirError, match=r"model.safetensors: does not match config.json: .*size mismatch"):
         load_model(tmp_path / "m")
+
+
+def test_a_card_from_before_the_grey_level_policy_loads_as_raw(tiny_model):
+    """Cards written before input.grey_levels existed fed raw grey levels: they load so, with no
+    warning, and the format-1 fixture too (its FilledParamsWarning names hnf keys only)."""
+    model_dir, _, probs = tiny_model
+    edit_card(model_dir, lambda c: c["input"].pop("grey_levels"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_model(model_dir)
+    assert loaded.input.grey_levels == "raw"
+    np.testing.assert_allclose(predict_probs(loaded.model, fixed_images(), 4, "cpu", loaded.temperature), probs, atol=1e-6)
+    with pytest.warns(FilledParamsWarning, match="hnf"):
+        assert load_model(OLD_MODEL).input.grey_levels == "raw"
 
 
 def test_a_newer_card_format_is_one_line(tiny_model):

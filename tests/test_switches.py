@@ -110,7 +110,8 @@ def test_prepare_squares_and_crops_as_the_switches_say(aspect, infobar, make_con
             path.parent.mkdir(parents=True, exist_ok=True)
             raw[path.name, f"class_{c}"] = micrograph(10 * c + i)
             Image.fromarray(raw[path.name, f"class_{c}"]).save(path)
-    data = make_config({"data.image_size": SIZE, "data.aspect": aspect, "data.infobar": infobar, "data.workers": 1}).data
+    data = make_config({"data.image_size": SIZE, "data.aspect": aspect, "data.infobar": infobar, "data.workers": 1,
+                        "data.grey_levels": "raw"}).data  # the geometry; standardize: test_prepare
     prepare_dataset(tmp_path / "raw", tmp_path / "prepared", data, 0, progress=False)
     manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
     images = np.load(tmp_path / "prepared" / "images.npy")

@@ -34,6 +34,7 @@ class ConfigError(UserError, ValueError):
 # from here, so adding a choice is one edit, and params.yaml is checked without torch.
 ASPECTS = ("crop", "pad")                          # data.aspect
 INFOBAR_MODES = ("auto", "none")                   # data.infobar
+GREY_LEVELS = ("standardize", "raw")               # data.grey_levels
 LLM_PROVIDERS = ("curated", "openai")              # llm.provider
 STEMS = ("graph", "pyramid", "conv", "linear")              # hnf.stem
 SEQUENCE_ENCODERS = ("ode", "transformer", "none")  # hnf.sequence_encoder
@@ -68,6 +69,7 @@ class DataConfig:
     image_size: int
     aspect: str
     infobar: str
+    grey_levels: str
     split: SplitConfig
     group_pattern: str | None
     near_duplicate_bits: int
@@ -388,6 +390,7 @@ RULES: dict[str, Check] = {
     "synthesize.total": at_least(1), "synthesize.min_per_class": at_least(1),
     "synthesize.width": at_least(8), "synthesize.height": at_least(8),
     "data.image_size": at_least(8), "data.aspect": one_of(ASPECTS), "data.infobar": one_of(INFOBAR_MODES),
+    "data.grey_levels": one_of(GREY_LEVELS),
     "data.split.train": in_range(0.0, 1.0, low_open=True), "data.split.val": FRACTION, "data.split.test": FRACTION,
     "data.near_duplicate_bits": in_range(0, 64), "data.max_pixels": at_least(1), "data.workers": at_least(0),
     "llm.provider": one_of(LLM_PROVIDERS), "llm.concurrency": at_least(1), "llm.samples": at_least(1),

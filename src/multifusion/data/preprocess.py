@@ -2,8 +2,8 @@
 
 ``load_micrograph`` is the exact preprocessing of the ``prepare`` stage, used again at
 prediction time: decode (``multifusion.data.decode``) -> crop the burnt-in info bar ->
-centre crop or pad to a square (``data.aspect``) -> resize to ``data.image_size``.
-A micrograph too small for that raises :class:`~multifusion.data.decode.ImageError`.
+centre crop or pad to a square (``data.aspect``) -> resize to ``data.image_size`` ->
+grey levels standardized (``data.grey_levels``). A micrograph too small for that raises :class:`~multifusion.data.decode.ImageError`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from PIL import Image
 
 from multifusion.core.config import DataConfig
 from multifusion.data.decode import ImageError, decode_image, grey_pixels
+from multifusion.data.grey_levels import apply_grey_levels
 from multifusion.data.infobar import bar_search_start, bar_top
 from multifusion.data.resample import resize
 
@@ -45,7 +46,8 @@ class Preprocessed(NamedTuple):
 
 
 def preprocess(image: Image.Image, data: DataConfig, name: str = "image") -> Preprocessed:
-    """8-bit grey PIL image -> info bar cropped, squared, resized to data.image_size.
+    """8-bit grey PIL image -> info bar cropped, squared, resized to data.image_size, grey
+    levels as data.grey_levels says (the hashing square ``reduced`` keeps the raw levels).
 
     Resizing is an integer box reduction of the square (Pillow's ``reduce`` on the box,
     without copying the image) to at least 3x the size, then antialiased Lanczos-3 as two
@@ -64,7 +66,7 @@ def preprocess(image: Image.Image, data: DataConfig, name: str = "image") -> Pre
     factor = (box[2] - box[0]) // (3 * data.image_size)
     reduced = grey_pixels(source.reduce(factor, box=box) if factor > 1 else source.crop(box))  # (R, R)
     resized = resize(reduced, (data.image_size, data.image_size), "lanczos")  # (S, S)
-    return Preprocessed(resized, reduced, h - rows)
+    return Preprocessed(apply_grey_levels(resized, data.grey_levels), reduced, h - rows)
 
 
 def load_micrograph(path: str | Path, data: DataConfig) -> np.ndarray:

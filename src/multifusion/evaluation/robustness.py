@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from multifusion.core.config import Config
+from multifusion.data.grey_levels import apply_grey_levels
 from multifusion.evaluation.evaluate import classification_metrics, predict_probs
 from multifusion.evaluation.shifts import SHIFTS, apply_shift
 
@@ -36,7 +37,9 @@ def evaluate_under_shifts(
     images_u8: uint8 (N, S, S) test images, preprocessed as in training; labels: (N,).
     Returns ``{"n_images": N, "clean": {accuracy, macro_f1},
     "shifts": {shift: {str(severity): {severity, level, accuracy, macro_f1}}}}`` with
-    levels numbered 1.. in the params order (mildest first). Deterministic from
+    levels numbered 1.. in the params order (mildest first). A shifted image goes through the
+    input's grey-level policy again (``cfg.data.grey_levels``), as a micrograph taken under the
+    shifted setting would in ``predict``. Deterministic from
     ``cfg.robustness.seed``. With ``keep_predictions`` also ``"labels"`` (N,) and, in the
     clean entry and every level's, the per-image ``"predictions"`` (N,): what a paired test
     between two models needs (the comparison report's per-level McNemar test).
@@ -60,7 +63,7 @@ def evaluate_under_shifts(
         per_severity = {}
         for level, severity in enumerate(getattr(rob, name), start=1):
             rng = np.random.default_rng([rob.seed, shift_index, level])
-            shifted = apply_shift(name, images_u8, severity, rng)
+            shifted = apply_grey_levels(apply_shift(name, images_u8, severity, rng), cfg.data.grey_levels)
             per_severity[str(severity)] = {"severity": severity, "level": level, **score(shifted)}
         result["shifts"][name] = per_severity
     return result

@@ -6,7 +6,7 @@
 Inputs are files, folders (walked recursively; hidden files skipped) and glob patterns.
 Every image goes through ``multifusion.data.preprocess.load_micrograph`` with the data
 section stored in the model's config.json: the very preprocessing of training (grey,
-info-bar crop, square, resize). Decoding runs on worker processes ahead of inference
+info-bar crop, square, resize, grey-level policy). Decoding runs on worker processes ahead of inference
 (``multifusion.data.parallel``). Probabilities are calibrated by the temperature saved with the model.
 
 The CSV holds one row per input file, in input order: ``path, status`` (ok | error),

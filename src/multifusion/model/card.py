@@ -9,7 +9,7 @@ The card (format 2), like timm's ``pretrained_cfg``::
      "model_name": "hnf",                                   # the run's name (a comparison row)
      "architecture": {"name": "multifusion", "args": {...}},  # create_model(name, K, S, **args)
      "classes": [...],                                      # label order
-     "input": {"image_size", "aspect", "infobar", "max_pixels", "tta"},  # the input policy
+     "input": {"image_size", "aspect", "infobar", "grey_levels", "max_pixels", "tta"},  # the input policy
      "text": {"shape", "class_names", "templates", "samples"} | null,
      "temperature": 1.3, "calibration": {...},              # how the temperature was chosen
      "unknown": {...}}                                      # the unknown-material score, when fitted
@@ -50,6 +50,9 @@ __all__ = ["CONFIG", "FORMAT_VERSION", "WEIGHTS", "FilledParamsWarning", "InputP
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 2
 CARD_KEYS = ("format_version", "model_name", "architecture", "classes", "input", "text", "temperature")
+# Input-policy entries added to format 2 since its first cards, with the value every earlier
+# model had by construction (grey levels were fed raw before data.grey_levels existed).
+INPUT_KEYS_ADDED: dict[str, Any] = {"grey_levels": "raw"}
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,14 @@ class InputPolicy:
     image_size: int         # side of the square grey image the model sees
     aspect: str             # crop | pad: how a non-square micrograph becomes square
     infobar: str            # auto | none: crop the burnt-in instrument bar
+    grey_levels: str        # standardize | raw: each image's grey levels to one mean and spread, or as recorded
     max_pixels: int         # larger files are refused as decompression bombs
     tta: bool               # logits averaged over the 8 flips/rotations
 
     @classmethod
     def from_config(cls, cfg: Config) -> "InputPolicy":
         d = cfg.data
-        return cls(d.image_size, d.aspect, d.infobar, d.max_pixels, cfg.evaluate.tta)
+        return cls(d.image_size, d.aspect, d.infobar, d.grey_levels, d.max_pixels, cfg.evaluate.tta)
 
 
 @dataclass
@@ -191,6 +195,8 @@ def read_card(path: str | Path) -> dict[str, Any]:
         if missing:
             raise ModelDirError(f"{path}: no {', '.join(map(repr, missing))} entry in the model card; {REDO}")
         card = record
+        if isinstance(card["input"], dict):
+            card["input"] = INPUT_KEYS_ADDED | card["input"]
     else:
         raise ModelDirError(f"{path}: model card format {version!r}; this multifusion reads formats 1 and {FORMAT_VERSION}: "
                             "upgrade multifusion (`pip install -U multifusion`) or load it with the version that saved it")

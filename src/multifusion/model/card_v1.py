@@ -40,8 +40,9 @@ class FilledParamsWarning(UserWarning):
 
 
 # Keys added after format 1 whose value every format-1 model had by construction (a model
-# saved before data.unlabeled existed was pretrained on no unlabelled folder): set, not filled.
-NEWER_THAN_FORMAT_1: dict[str, Any] = {"data.unlabeled": None}
+# saved before data.unlabeled existed was pretrained on no unlabelled folder, and one saved
+# before data.grey_levels saw raw grey levels): set, not filled.
+NEWER_THAN_FORMAT_1: dict[str, Any] = {"data.unlabeled": None, "data.grey_levels": "raw"}
 
 
 @dataclass(frozen=True)
