@@ -77,3 +77,16 @@ def test_standardize_probe_grey_stats_are_each_images_statistics():
     flat = images.reshape(6, -1).astype(float)
     np.testing.assert_allclose(stats, np.stack([flat.mean(1), flat.std(1), np.percentile(flat, 5, axis=1),
                                                 np.percentile(flat, 95, axis=1)], axis=1))
+
+
+def test_robustness_models_summary_is_the_mean_over_seeds_and_shift_levels():
+    bench = load_bench("robustness_models")
+
+    def result(clean: float, noise: list[float], blur: list[float]) -> dict:
+        shifts = {name: {str(level): {"severity": level, "level": level, "accuracy": a} for level, a in enumerate(accs, 1)}
+                  for name, accs in (("noise", noise), ("blur", blur))}
+        return {"clean": {"accuracy": clean}, "shifts": shifts}
+
+    runs = {42: result(0.9, [0.5, 0.3], [0.2]), 43: result(0.7, [0.1, 0.1], [0.4])}
+    clean, shifted = bench.clean_and_shifted(runs)
+    np.testing.assert_allclose([clean, shifted], [0.8, np.mean([np.mean([0.5, 0.3, 0.2]), np.mean([0.1, 0.1, 0.4])])])
