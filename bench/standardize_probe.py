@@ -1,6 +1,6 @@
 """Does a model need the micrographs' absolute grey levels? A copy of a prepared set with every
 image's grey levels standardized as ``data.grey_levels: standardize`` does it
-(``multifusion.data.preprocess.standardize_grey_levels``), for an A/B on one prepared split
+(``multifusion.data.grey_levels.standardize_grey_levels``), for an A/B on one prepared split
 without re-ingesting the folder.
 
     python bench/standardize_probe.py data/prepared /tmp/std/data/prepared
