@@ -1,11 +1,12 @@
-"""Adaptive test-time views: top-1 and forward throughput of ``predict.single_view_confidence``
-against the full 8-view policy, on a prepared set's val and test splits.
+"""Adaptive test-time views: top-1 and forward throughput of ``predict.first_views`` and
+``predict.view_confidence`` against the full 8-view policy, on a prepared set's val and test splits.
 
-    python bench/adaptive_views.py --model models/hnf --prepared data/prepared \
+    python bench/adaptive_views.py --model models/hnf --prepared data/prepared --first 2 \
         --thresholds 0.5,0.7,0.8,0.9,0.95,0.99,1.0 --out bench/results/adaptive_views_<date>.txt
 
-Policy (:mod:`multifusion.inference.views`): the identity view first; the other seven only
-where its calibrated top-1 probability is at or below the threshold (1.0 = all eight).
+Policy (:class:`multifusion.inference.views.ViewPolicy`): the first ``--first`` views of
+``VIEW_ORDER`` (1: the identity; 2: and its 180-degree turn) on every image; the rest only
+where their mean's calibrated top-1 probability is at or below the threshold (1.0 = all eight).
 Accuracy for every threshold comes from one pass over the 8 views of each image (exactly
 what the policy computes); the forward time of the chosen threshold, of one view and of
 all eight is measured with ``screen_outputs`` itself (model forward only: no decoding).
@@ -27,7 +28,7 @@ import torch
 from multifusion.data.dataset import load_prepared, to_model_input
 from multifusion.evaluation.evaluate import dihedral_views, predict_logits, softmax
 from multifusion.evaluation.ood import load_unknown
-from multifusion.inference.views import screen_outputs
+from multifusion.inference.views import VIEW_ORDER, ViewPolicy, screen_outputs
 from multifusion.model.card import load_model
 
 
@@ -41,11 +42,11 @@ def view_logits(model: torch.nn.Module, images: np.ndarray, batch: int) -> np.nd
     return np.concatenate(chunks, axis=1)
 
 
-def policy(views: np.ndarray, temperature: float, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """(8, N, K) -> (logits (N, K) under the threshold, (N,) bool: took all eight)."""
-    top1 = softmax(views[0], temperature).max(axis=1)
-    more = top1 <= threshold
-    return np.where(more[:, None], views.mean(axis=0), views[0]), more
+def policy(views: np.ndarray, temperature: float, threshold: float, first: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(8, N, K) -> (logits (N, K) of ViewPolicy(first, threshold), (N,) bool: took all eight)."""
+    opening = views[list(VIEW_ORDER[:first])].mean(axis=0)  # (N, K)
+    more = softmax(opening, temperature).max(axis=1) <= threshold
+    return np.where(more[:, None], views.mean(axis=0), opening), more
 
 
 SUBSETS = {"4 rotations": [0, 2, 4, 6], "2 flips + turn": [0, 1, 4, 5], "identity + flip": [0, 1], "3 views": [0, 1, 4]}
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.0")
+    parser.add_argument("--first", type=int, default=2, help="views every image takes first (predict.first_views)")
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, required=True)
@@ -104,7 +106,7 @@ def main() -> None:
     T = loaded.temperature
     thresholds = [float(t) for t in args.thresholds.split(",")]
     log(f"=== bench/adaptive_views.py {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: {args.model} "
-        f"({len(loaded.classes)} classes, T {T:.3f}), {torch.get_num_threads()} thread(s)")
+        f"({len(loaded.classes)} classes, T {T:.3f}), {torch.get_num_threads()} thread(s), first views {args.first}")
     rows: dict[str, dict[float, tuple[float, float]]] = {}
     for split in ("val", "test") if args.chosen is None else ():
         idx = prepared.split_indices(split)
@@ -114,12 +116,12 @@ def main() -> None:
         one = float((views[0].argmax(1) == labels).mean())
         rows[split] = {}
         log(f"{split} ({len(labels)} images): 8-view top-1 {full:.4f}, one view {one:.4f}")
-        log(f"  {'threshold':>9} {'top-1':>7} {'vs 8-view':>9} {'8-view share':>12}")
+        log(f"  {'threshold':>9} {'top-1':>7} {'vs 8-view':>9} {'8-view share':>12} {'passes':>6}")
         for t in thresholds:
-            logits, more = policy(views, T, t)
+            logits, more = policy(views, T, t, args.first)
             acc = float((logits.argmax(1) == labels).mean())
             rows[split][t] = (acc - full, float(more.mean()))
-            log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f}")
+            log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f} {args.first + (8 - args.first) * more.mean():>6.2f}")
         for t in args.cheaper:
             logits, more = policy(views, T, t)
             log(f"  cheaper than eight views on the uncertain images at threshold {t:g} "
@@ -140,7 +142,7 @@ def main() -> None:
     unknown = load_unknown(args.model, card.get("unknown"))
 
     def screened(tta: bool, t: float) -> None:
-        out = screen_outputs(model, test, args.batch, "cpu", T, tta, t)
+        out = screen_outputs(model, test, args.batch, "cpu", T, tta, ViewPolicy(args.first, t))
         if unknown is not None:
             unknown(out.logits, out.features, out.spectra)  # the unknown score, as predict computes it
 

@@ -93,7 +93,7 @@ def trained_model(model_dir: Path) -> tuple[torch.nn.Module, float]:
 
 
 def outputs(model: torch.nn.Module, images: np.ndarray, cfg: Config, temperature: float, tta: bool) -> ScreenOutputs:
-    return screen_outputs(model, images, cfg.evaluate.batch_size, "cpu", temperature, tta, 1.0)
+    return screen_outputs(model, images, cfg.evaluate.batch_size, "cpu", temperature, tta)  # all eight views
 
 
 def split_of(prepared: Prepared, split: str) -> Split:

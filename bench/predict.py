@@ -15,7 +15,7 @@ model's data section: grey, info-bar crop, square, resize) and normalise with
 time, then one batched forward pass of engineer F's plain-PyTorch ResNet-18. The model is
 ``--model`` if it exists, else an untrained HNF built from params.yaml (throughput does
 not depend on the weights, except through adaptive views: ``predict`` runs with
-``predict.single_view_confidence``, and an untrained model, never confident, takes all
+``predict.first_views`` / ``predict.view_confidence``, and an untrained model, never confident, takes all
 eight views on every image: pass a trained ``--model`` to measure the adaptive policy). Prints a table with images/s and the ratio to the peer; with
 ``--report`` also the time of ``predict --report`` over plain ``predict`` (target: <= 2).
 """
@@ -41,6 +41,7 @@ from multifusion.evaluation.evaluate import predict_probs
 from multifusion.model import build_model
 from multifusion.model.baselines import build_baseline
 from multifusion.inference.predict import predict_paths
+from multifusion.inference.views import ViewPolicy
 from multifusion.model.card import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "params.yaml")
+    views = ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -139,7 +141,7 @@ def main() -> None:
             peer_s = timed(lambda: resnet_loop(resnet, paths, policy, batch, device))
             ours_s = timed(lambda: predict_paths(model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5,
                                                  batch_size=batch, device=device, progress=False,
-                                                 single_view_confidence=cfg.predict.single_view_confidence))
+                                                 views=views))
             hnf_fwd = timed(lambda: predict_probs(hnf.model, images, batch, device))
             with torch.no_grad():
                 res_fwd = timed(lambda: [resnet(to_model_input(images[i : i + batch]).to(device)).cpu()
@@ -148,7 +150,7 @@ def main() -> None:
                 ("ResNet-18 plain loop (peer)", device, args.n / peer_s, 1.0),
                 ("multifusion predict (library)", device, args.n / ours_s, peer_s / ours_s),
                 *(report_rows(model_dir, folder, tmp_path, batch, device, args.n, peer_s, args.rounds,
-                              cfg.predict.single_view_confidence) if args.report else []),
+                              views) if args.report else []),
                 ("  forward only: HNF", device, args.n / hnf_fwd, None),
                 ("  forward only: ResNet-18", device, args.n / res_fwd, None),
             ]
@@ -166,7 +168,7 @@ def main() -> None:
 
 
 def report_rows(model_dir: Path, folder: Path, tmp_path: Path, batch: int, device: str, n: int, peer_s: float, rounds: int,
-                single_view_confidence: float) -> list:
+                views: ViewPolicy) -> list:
     """Rows for `predict --report`: its rate, and in the ratio column its time over plain
     predict's, each the best of ``rounds`` runs taken alternately (a busy machine skews one
     run); also the ratio of the CPU time the process used (all threads), which other
@@ -174,7 +176,7 @@ def report_rows(model_dir: Path, folder: Path, tmp_path: Path, batch: int, devic
     page = tmp_path / "report.html"
     run = lambda **kw: predict_paths(model_dir, [folder], tmp_path / "r.csv", top_k=3, uncertain_threshold=0.5,  # noqa: E731
                                      batch_size=batch, device=device, progress=False,
-                                     single_view_confidence=single_view_confidence, **kw)
+                                     views=views, **kw)
     plain, report = [float("inf")] * 2, [float("inf")] * 2  # (wall s, cpu s)
     for _ in range(rounds):
         plain = [min(a, b) for a, b in zip(plain, timed_both(run))]

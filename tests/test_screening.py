@@ -1,6 +1,6 @@
 """`multifusion predict` with the screening columns: ``ood_score`` / ``unknown`` from the
 model's fitted score (bad input never unknown), ``--target-accuracy`` abstention from the val
-curve (rows kept, marked), adaptive views, and the report's unknown filter and drift warning
+curve (rows kept, marked), adaptive views (:class:`ViewPolicy`), and the report's unknown filter and drift warning
 (headless Chromium)."""
 
 from __future__ import annotations
@@ -13,16 +13,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from headless import body_attrs, browse
 from test_predict import BAD, CLASSES, GOOD, TEMPERATURE, folder  # noqa: F401 -- the shared folder of good and bad files
 
-from multifusion.evaluation.evaluate import predict_logits
+from multifusion.core.config import ConfigError, load_config
+from multifusion.data.dataset import to_model_input
+from multifusion.evaluation.evaluate import dihedral_views, predict_logits
 from multifusion.evaluation.ood import fit_unknown, knn_score, save_unknown_tensors
 from multifusion.evaluation.selective import risk_coverage
 from multifusion.inference.predict import predict_paths, read_one
-from multifusion.inference.views import screen_outputs
+from multifusion.inference.views import VIEW_ORDER, ViewPolicy, screen_outputs
 from multifusion.model import build_model
 from multifusion.model.card import load_model, save_model
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -104,19 +110,41 @@ def test_target_accuracy_abstains_below_the_val_curve_and_keeps_every_row(scored
         run(scored_model, [folder], tmp_path / "p.csv", target_accuracy=1.5)
 
 
-def test_adaptive_views_use_one_view_where_certain(scored_model):
+@pytest.mark.parametrize("first", [1, 2, 4])
+def test_adaptive_views_take_the_first_views_where_certain_and_all_eight_elsewhere(scored_model, first):
     loaded = load_model(scored_model)
     images = np.random.default_rng(1).integers(0, 255, (6, 32, 32), dtype=np.uint8)
-    full = predict_logits(loaded.model, images, 3, "cpu", tta=True)
-    one = predict_logits(loaded.model, images, 3, "cpu", tta=False)
-    np.testing.assert_allclose(screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, 1.0).logits, full, rtol=1e-5, atol=1e-6)
-    top1 = torch.softmax(torch.from_numpy(one) / TEMPERATURE, 1).max(1).values.numpy()
+    full = predict_logits(loaded.model, images, 3, "cpu", tta=True)  # evaluate's 8-view average: the reference
+    x = to_model_input(images)
+    with torch.no_grad():
+        each = torch.stack([loaded.model(v) for v in dihedral_views(x)]).numpy()  # (8, N, K), one plain pass per view
+    opening = each[list(VIEW_ORDER[:first])].mean(axis=0)  # (N, K)
+    assert VIEW_ORDER[:2] == (0, 4)  # the identity, then its 180-degree turn
+    np.testing.assert_allclose(screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True).logits, full, rtol=1e-5, atol=1e-6)
+    top1 = torch.softmax(torch.from_numpy(opening) / TEMPERATURE, 1).max(1).values.numpy()
     cut = float(np.median(top1))
-    out = screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, cut)
+    out = screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, ViewPolicy(first, cut))
     certain = top1 > cut
-    assert list(out.views) == [1 if c else 8 for c in certain]
-    np.testing.assert_allclose(out.logits[certain], one[certain], rtol=1e-5, atol=1e-6)
+    assert certain.any() and not certain.all()
+    assert list(out.views) == [first if c else 8 for c in certain]
+    np.testing.assert_allclose(out.logits[certain], opening[certain], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.logits[~certain], full[~certain], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.features, screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, False).features,
+                               rtol=1e-5, atol=1e-6)  # always the identity view's
+
+
+@pytest.mark.parametrize("first, confidence", [(0, 0.9), (9, 0.9), (2, 0.0), (2, 1.5)])
+def test_a_view_policy_out_of_range_is_refused_in_one_line(first, confidence):
+    with pytest.raises(ValueError, match=r"predict\.(first_views|view_confidence) must be"):
+        ViewPolicy(first, confidence)
+
+
+def test_the_former_single_view_key_names_its_replacement(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["predict"]["single_view_confidence"] = params["predict"].pop("view_confidence")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"'predict\.single_view_confidence' is now 'predict\.view_confidence'"):
+        load_config(tmp_path / "params.yaml")
 
 
 ROW = re.compile(r'<tr class="([^"]*)" data-i="(\d+)" data-status="(\w+)"[^>]*data-unknown="(\d)"')
@@ -176,7 +204,7 @@ def test_margin_terms_follow_the_views_of_the_call(make_config):
     model = build_model(cfg, CLASSES, text).eval()
     images = np.random.default_rng(3).integers(0, 255, (4, 32, 32), dtype=np.uint8)
     views = np.array([8, 1, 8, 1])
-    out = screen_outputs(model, images, 4, "cpu", 1.0, True, 1.0)  # all eight: the averaged logits
+    out = screen_outputs(model, images, 4, "cpu", 1.0, True)  # all eight: the averaged logits
     one = predict_logits(model, images, 4, "cpu")
     logits = np.where(views[:, None] == 8, out.logits, one)  # what an adaptive call averaged
     calls = logits.argmax(1)
@@ -201,12 +229,13 @@ def test_train_fits_and_saves_the_unknown_score_with_the_model(make_config, make
     entry = loaded.unknown
     assert entry["score"] == "mahalanobis" and entry["keep_rate"] == 0.9 and entry["n_val"] == 21
     assert entry["tensors"]["shapes"] == {"means": [3, 32], "precision": [32, 32]}  # (1 HNF layer + the global token) x 16
-    assert entry["views"] == {"tta": cfg.evaluate.tta, "single_view_confidence": cfg.predict.single_view_confidence}
+    assert entry["views"] == {"tta": cfg.evaluate.tta, "first_views": cfg.predict.first_views, "view_confidence": cfg.predict.view_confidence}
     assert entry["selective"]["n"] == 21 and entry["selective"]["coverage"][-1] == 1.0
     fitted = load_unknown(tmp_path / "model", entry)
     data = load_prepared(prepared)
     val = np.asarray(data.images[data.split_indices("val")])
     # another batch size than train's: float noise of ~1e-6, which the midway threshold absorbs
-    out = screen_outputs(loaded.model, val, 8, "cpu", loaded.temperature, cfg.evaluate.tta, cfg.predict.single_view_confidence)
+    out = screen_outputs(loaded.model, val, 8, "cpu", loaded.temperature, cfg.evaluate.tta,
+                         ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence))
     kept = (~fitted.flags(fitted(out.logits, out.features))).mean()
     assert kept >= 0.9 and 1 - kept == pytest.approx(entry["val_unknown_fraction"])  # the documented keep rate on val

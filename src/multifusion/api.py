@@ -61,7 +61,8 @@ class Classifier:
         uncertain_threshold: float = 0.5,
         batch_size: int = 64,
         workers: int | None = None,
-        single_view_confidence: float = 0.9,
+        first_views: int = 2,
+        view_confidence: float = 0.9,
         target_accuracy: float | None = None,
     ) -> pd.DataFrame:
         """Classify the micrographs named by ``paths`` (files, folders walked recursively, glob patterns).
@@ -72,11 +73,13 @@ class Classifier:
         probability below ``uncertain_threshold``), ``ood_score`` and ``unknown`` (the model's
         unknown-material score and its threshold), ``abstained`` (with ``target_accuracy``:
         below the val risk-coverage curve's confidence for it) and ``error`` (why a file could
-        not be read). ``single_view_confidence``: adaptive views (1.0: all eight everywhere). The defaults are those of
+        not be read). ``first_views`` / ``view_confidence``: adaptive views (:class:`multifusion.inference.views.ViewPolicy`;
+        8 or 1.0: all eight everywhere). The defaults are those of
         ``params.yaml``'s ``predict`` section (a test keeps them equal); a call does not
         read ``params.yaml``. ``workers``: decoding processes (None: every core).
         """
         from multifusion.inference.predict import predict_paths
+        from multifusion.inference.views import ViewPolicy
 
         result = predict_paths(
             self.path,
@@ -88,7 +91,7 @@ class Classifier:
             device=self.device,
             workers=workers,
             progress=False,
-            single_view_confidence=single_view_confidence,
+            views=ViewPolicy(first_views, view_confidence),
             target_accuracy=target_accuracy,
         )
         return result.table
@@ -100,7 +103,8 @@ class Classifier:
         *,
         size: int = 512,
         target: str | None = None,
-        single_view_confidence: float = 0.9,
+        first_views: int = 2,
+        view_confidence: float = 0.9,
     ) -> pd.DataFrame:
         """Write one explanation overlay PNG per readable input into the folder ``out``
         (Grad-CAM of the predicted class, or of ``target``, over the micrograph as the model
@@ -108,13 +112,14 @@ class Classifier:
 
         Returns the CSV's rows as a DataFrame: ``path``, ``overlay`` (file name in ``out``),
         ``class``, ``probability``, ``method``, ``attended`` (the most attended class
-        descriptions) and ``error``. ``single_view_confidence``: the views of :meth:`predict`,
+        descriptions) and ``error``. ``first_views`` / ``view_confidence``: the views of :meth:`predict`,
         so that the class and probability are the ones ``predict`` gives.
         """
         from multifusion.inference.overlays import COLUMNS, explain_paths
+        from multifusion.inference.views import ViewPolicy
 
         rows = explain_paths(self.path, _as_list(paths), out, size=size, target=target, device=self.device,
-                             single_view_confidence=single_view_confidence)
+                             views=ViewPolicy(first_views, view_confidence))
         return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -129,6 +129,7 @@ def predict(
     """
     from multifusion.core.atomic import mark
     from multifusion.inference.predict import predict_paths, predict_settings
+    from multifusion.inference.views import ViewPolicy
 
     since = mark()
     try:
@@ -143,7 +144,7 @@ def predict(
             contact_sheet_size=settings.contact_sheet,
             report=report,
             target_accuracy=target_accuracy,
-            single_view_confidence=settings.single_view_confidence,
+            views=ViewPolicy(settings.first_views, settings.view_confidence),
             drift_p=settings.drift_p,
         )
     except USER_ERRORS as exc:
@@ -177,11 +178,13 @@ def explain(
     from multifusion.core.atomic import mark
     from multifusion.inference.overlays import explain_paths
     from multifusion.inference.predict import predict_settings
+    from multifusion.inference.views import ViewPolicy
 
     since = mark()
     try:
-        views = predict_settings(model, None).single_view_confidence  # predict's views, so the call is predict's
-        rows = explain_paths(model, paths, out, size=size, target=target, device=device, single_view_confidence=views)
+        settings = predict_settings(model, None)  # predict's views, so the call is predict's
+        views = ViewPolicy(settings.first_views, settings.view_confidence)
+        rows = explain_paths(model, paths, out, size=size, target=target, device=device, views=views)
     except USER_ERRORS as exc:
         _fail(exc)
     except KeyboardInterrupt:

@@ -35,6 +35,9 @@ class ConfigError(UserError, ValueError):
 ASPECTS = ("crop", "pad")                          # data.aspect
 INFOBAR_MODES = ("auto", "none")                   # data.infobar
 GREY_LEVELS = ("standardize", "raw")               # data.grey_levels
+RENAMED_KEYS = {  # keys of earlier versions -> what replaced them (named in the error)
+    "predict.single_view_confidence": "'predict.view_confidence', beside 'predict.first_views' (see the repository's params.yaml)",
+}
 LLM_PROVIDERS = ("curated", "openai")              # llm.provider
 STEMS = ("graph", "pyramid", "conv", "linear")              # hnf.stem
 SEQUENCE_ENCODERS = ("ode", "transformer", "none")  # hnf.sequence_encoder
@@ -232,7 +235,8 @@ class PredictConfig:
     batch_size: int
     uncertain_threshold: float
     contact_sheet: int
-    single_view_confidence: float              # adaptive views: one view stands above this calibrated top-1 prob; 1 = always 8
+    first_views: int                           # adaptive views: views every image takes first (identity, 180-degree turn, ...); 8 = all
+    view_confidence: float                     # the first views stand above this calibrated top-1 prob; else all 8; 1 = always 8
     drift_p: float                             # screening page: warn when the batch's unknown count has a binomial p below this
 
 
@@ -316,8 +320,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        keys = ", ".join(f"'{prefix + '.' if prefix else ''}{k}'" for k in unknown)
-        raise ConfigError(f"params.yaml: unknown key {keys}; remove it or check its spelling")
+        keys = [f"{prefix + '.' if prefix else ''}{k}" for k in unknown]
+        renamed = [f"'{k}' is now {RENAMED_KEYS[k]}" for k in keys if k in RENAMED_KEYS]
+        raise ConfigError(f"params.yaml: unknown key {', '.join(repr(k) for k in keys)}; "
+                          + ("; ".join(renamed) if renamed else "remove it or check its spelling"))
     values = {}
     for name in sorted(names):
         key = f"{prefix}.{name}" if prefix else name
@@ -423,7 +429,8 @@ RULES: dict[str, Check] = {
     "pretrain.shift": at_least(0), "pretrain.noise": at_least(0),
     "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),
     "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
-    "predict.contact_sheet": at_least(0), "predict.single_view_confidence": in_range(0.0, 1.0, low_open=True),
+    "predict.contact_sheet": at_least(0), "predict.first_views": in_range(1, 8),
+    "predict.view_confidence": in_range(0.0, 1.0, low_open=True),
     "ood.score": one_of(OOD_SCORES), "ood.keep_rate": in_range(0.0, 1.0, low_open=True), "ood.knn_k": at_least(1),
     "predict.drift_p": in_range(0.0, 1.0, True, True), "ood.target_accuracies": in_range(0.0, 1.0, True),
     "robustness.seed": at_least(0), "robustness.batch_size": at_least(1),

@@ -24,6 +24,7 @@ from multifusion.core.atomic import atomic_path, atomic_write
 from multifusion.core.output_paths import FOLDER_RULE
 from multifusion.inference.explain import Explainer, overlay, saved_text_record, top_descriptions
 from multifusion.inference.predict import check_output_paths, expand_inputs, image_probs, read_one, spreadsheet_safe
+from multifusion.inference.views import ViewPolicy
 from multifusion.model.card import load_model
 from multifusion.inference.screening_report import ATTENDED
 
@@ -43,13 +44,13 @@ def _unique_name(path: Path, taken: set[str]) -> str:
 def explain_paths(
     model_dir: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
     size: int = 512, target: str | None = None, batch_size: int = 32, device: str = "cpu",
-    single_view_confidence: float = 1.0,
+    views: ViewPolicy = ViewPolicy(),
 ) -> list[dict]:
     """Write one overlay PNG per readable input and ``explanations.csv``; returns the CSV rows.
 
     The call and its probability are ``predict``'s (:func:`multifusion.inference.predict.image_probs`:
-    the same test-time views, adaptive at ``single_view_confidence`` as ``predict.single_view_confidence``
-    makes predict's, the same calibration). ``out_dir`` is checked before any work:
+    the same test-time views, adaptive under ``views`` as ``predict.first_views`` / ``predict.view_confidence``
+    make predict's, the same calibration). ``out_dir`` is checked before any work:
     it may not be a file, an input folder (or inside one), hold an input or lie in the model folder."""
     items = expand_inputs(inputs)
     check_output_paths({"--out": (out_dir, FOLDER_RULE)}, inputs, items, model_dir)
@@ -67,7 +68,7 @@ def explain_paths(
         if not good:
             continue
         images = np.stack([image for _, image in good])  # (B, S, S) uint8
-        probs = image_probs(loaded, images, batch_size, device, single_view_confidence)  # (B, C): predict's probabilities
+        probs = image_probs(loaded, images, batch_size, device, views)  # (B, C): predict's probabilities
         targets = probs.argmax(axis=1) if target is None else np.full(len(good), loaded.classes.index(target))
         maps = explainer.explain(images, targets, device)
         scale = max(1, round(size / images.shape[-1]))

@@ -18,9 +18,9 @@ below what the model's val risk-coverage curve needs for that accuracy; the row 
 and ``error`` (why a file could not be read). An unreadable file keeps its reason row and
 is never called ``unknown``. A bad file never stops the batch.
 
-Views (``single_view_confidence``, params ``predict.single_view_confidence``): the identity
-view first; the other seven of the 8-view average only where its calibrated top-1
-probability is not above that (:mod:`multifusion.inference.views`). The model carries the class-description text features in its weights, so
+Views (``views``, params ``predict.first_views`` / ``predict.view_confidence``): the first
+views (identity, 180-degree turn) on every image; the rest of the 8-view average only where
+their calibrated top-1 probability is not above the confidence (:mod:`multifusion.inference.views`). The model carries the class-description text features in its weights, so
 screening needs no LLM and no network.
 """
 
@@ -48,7 +48,7 @@ from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluation.evaluate import softmax
 from multifusion.evaluation.ood import UnknownScore, load_unknown
 from multifusion.evaluation.selective import RiskCoverage
-from multifusion.inference.views import ScreenOutputs, screen_outputs
+from multifusion.inference.views import ScreenOutputs, ViewPolicy, screen_outputs
 from multifusion.model.card import LoadedModel, load_model
 from multifusion.model.card_v1 import PACKAGE_PARAMS
 from multifusion.inference.screening_report import ScreeningReport
@@ -164,12 +164,11 @@ def check_output_paths(outputs: dict, inputs: Sequence[str | Path], items: list[
     return files_to_read(items)
 
 
-def image_probs(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str, single_view_confidence: float = 1.0) -> np.ndarray:
+def image_probs(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str, views: ViewPolicy = ViewPolicy()) -> np.ndarray:
     """uint8 images (B, S, S) -> calibrated class probabilities (B, C) under the model's
-    test-time policy (``evaluate.tta``: the 8-view average; adaptive below
-    ``single_view_confidence`` < 1) and its temperature: the views of ``predict`` (which goes
+    test-time policy (``evaluate.tta``: the 8-view average; adaptive under ``views``) and its temperature: the views of ``predict`` (which goes
     through :func:`screen_images` for the unknown score too), its report and ``explain``."""
-    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, single_view_confidence)
+    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, views)
     return softmax(out.logits, loaded.temperature)
 
 
@@ -218,12 +217,10 @@ def decode_batches(
 
 
 def check_arguments(device: str, top_k: int, batch_size: int, uncertain_threshold: float,
-                    target_accuracy: float | None = None, single_view_confidence: float = 1.0) -> None:
+                    target_accuracy: float | None = None) -> None:
     """One-line errors for screening options that cannot work, before any file is read."""
     if target_accuracy is not None and not 0.0 < target_accuracy <= 1.0:
         raise ValueError(f"--target-accuracy must be an accuracy in (0, 1], e.g. 0.99; got {target_accuracy}")
-    if not 0.0 < single_view_confidence <= 1.0:
-        raise ValueError(f"predict.single_view_confidence must be in (0, 1] (1 = all eight views), got {single_view_confidence}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible here; use --device cpu")
     if top_k < 1 or batch_size < 1:
@@ -248,7 +245,7 @@ class Screening:
 
     unknown: UnknownScore | None
     abstain_below: float | None = None     # abstain where the top-1 probability is below this (inf: on every row)
-    single_view_confidence: float = 1.0
+    views: ViewPolicy = ViewPolicy()
 
     def columns(self, probs: np.ndarray, out: ScreenOutputs) -> list[dict]:
         """probs (B, C) and the batch's screen outputs -> per image {ood_score, unknown, abstained}."""
@@ -261,7 +258,7 @@ class Screening:
         } for j in range(len(probs))]
 
 
-def screening_for(model_dir: str | Path, loaded: LoadedModel, target_accuracy: float | None, single_view_confidence: float) -> Screening:
+def screening_for(model_dir: str | Path, loaded: LoadedModel, target_accuracy: float | None, views: ViewPolicy) -> Screening:
     """The run's :class:`Screening` from the model card's ``"unknown"`` entry (and its tensors file)."""
     unknown = load_unknown(model_dir, loaded.unknown)
     abstain_below = None
@@ -272,14 +269,14 @@ def screening_for(model_dir: str | Path, loaded: LoadedModel, target_accuracy: f
                              "selective prediction); retrain it (`dvc repro train`) to use --target-accuracy")
         threshold = RiskCoverage.from_record(curve).threshold_for(target_accuracy)
         abstain_below = float("inf") if threshold is None else threshold
-    return Screening(unknown, abstain_below, single_view_confidence)
+    return Screening(unknown, abstain_below, views)
 
 
 def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, device: str,
                   screening: Screening) -> tuple[np.ndarray, list[dict], np.ndarray]:
     """uint8 images (B, S, S) -> (calibrated probabilities (B, C), per image {ood_score, unknown,
     abstained}, views averaged (B,))."""
-    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.single_view_confidence)
+    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.views)
     probs = softmax(out.logits, loaded.temperature)  # (B, C)
     return probs, screening.columns(probs, out), out.views
 
@@ -317,7 +314,7 @@ def predict_paths(
     workers: int | None = None,
     progress: bool = True,
     target_accuracy: float | None = None,
-    single_view_confidence: float = 1.0,
+    views: ViewPolicy = ViewPolicy(),
     drift_p: float | None = None,
 ) -> PredictionResult:
     """Classify every micrograph named by ``inputs``; write the CSV (and contact sheet).
@@ -325,17 +322,17 @@ def predict_paths(
     ``workers``: decoding processes (None or 0 = all cores).
     ``report``: also write the screening page (HTML with explanation overlays) there.
     ``target_accuracy``: mark ``abstained`` the rows the val curve says to withhold for it.
-    ``single_view_confidence``: adaptive views (1.0: all eight on every image).
+    ``views``: adaptive views (the default: all eight on every image).
     ``drift_p``: the screening page's drift warning level (None: no test).
     """
-    check_arguments(device, top_k, batch_size, uncertain_threshold, target_accuracy, single_view_confidence)
+    check_arguments(device, top_k, batch_size, uncertain_threshold, target_accuracy)
     items = expand_inputs(inputs)
     outputs = {"--out": (out_csv, CSV_RULE), "--contact-sheet": (contact_sheet, FIGURE_RULE), "--report": (report, HTML_RULE)}
     check_output_paths(outputs, inputs, items, model_dir)  # before any inference
     loaded = load_model(model_dir, device=device)
     classes = np.array(loaded.classes)
     k = min(top_k, len(classes))
-    screening = screening_for(model_dir, loaded, target_accuracy, single_view_confidence)
+    screening = screening_for(model_dir, loaded, target_accuracy, views)
     page = None if report is None else ScreeningReport(report, model_dir, loaded, uncertain_threshold, k, drift_p=drift_p)
     rows: list[dict] = []
     least_certain = LeastCertain(contact_sheet_size)

@@ -7,7 +7,7 @@ unknown-material score (``ood.*`` params) and the val risk-coverage curve.
 The score's statistics come from the train split (identity view: the penultimate features
 :mod:`multifusion.inference.views` hands the score at predict time, and the images' texture profiles); the threshold and the
 risk-coverage curve from the val split under the view policy ``predict`` uses
-(``evaluate.tta`` with ``predict.single_view_confidence``). Tensors go to
+(``evaluate.tta`` with ``predict.first_views`` / ``predict.view_confidence``). Tensors go to
 ``unknown.safetensors`` in ``out_dir``; the returned card entry holds the rest, the curve
 under ``"selective"`` and the view policy under ``"views"``.
 """
@@ -26,7 +26,7 @@ from multifusion.data.dataset import Prepared
 from multifusion.evaluation.evaluate import softmax
 from multifusion.evaluation.ood import fit_unknown, save_unknown_tensors
 from multifusion.evaluation.selective import risk_coverage
-from multifusion.inference.views import screen_outputs
+from multifusion.inference.views import ViewPolicy, screen_outputs
 
 
 def fit_screening(
@@ -36,8 +36,9 @@ def fit_screening(
     train_idx, val_idx = prepared.split_indices("train"), prepared.split_indices("val")
     batch = cfg.evaluate.batch_size
     train_out = screen_outputs(model, prepared.images[train_idx], batch, device, temperature, tta=False)  # features only
-    policy = {"tta": cfg.evaluate.tta, "single_view_confidence": cfg.predict.single_view_confidence}
-    val_out = screen_outputs(model, prepared.images[val_idx], batch, device, temperature, policy["tta"], policy["single_view_confidence"])
+    policy = {"tta": cfg.evaluate.tta, "first_views": cfg.predict.first_views, "view_confidence": cfg.predict.view_confidence}
+    views = ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence)
+    val_out = screen_outputs(model, prepared.images[val_idx], batch, device, temperature, cfg.evaluate.tta, views)
     val_labels = prepared.labels(val_idx)  # (V,)
     fitted = fit_unknown(
         cfg.ood.score, cfg.ood.keep_rate,
