@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "params.yaml")
-    views = ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence)
+    views = ViewPolicy.of(cfg.predict)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -236,6 +236,6 @@ def test_train_fits_and_saves_the_unknown_score_with_the_model(make_config, make
     val = np.asarray(data.images[data.split_indices("val")])
     # another batch size than train's: float noise of ~1e-6, which the midway threshold absorbs
     out = screen_outputs(loaded.model, val, 8, "cpu", loaded.temperature, cfg.evaluate.tta,
-                         ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence))
+                         ViewPolicy.of(cfg.predict))
     kept = (~fitted.flags(fitted(out.logits, out.features))).mean()
     assert kept >= 0.9 and 1 - kept == pytest.approx(entry["val_unknown_fraction"])  # the documented keep rate on val

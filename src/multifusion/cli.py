@@ -144,7 +144,7 @@ def predict(
             contact_sheet_size=settings.contact_sheet,
             report=report,
             target_accuracy=target_accuracy,
-            views=ViewPolicy(settings.first_views, settings.view_confidence),
+            views=ViewPolicy.of(settings),
             drift_p=settings.drift_p,
         )
     except USER_ERRORS as exc:
@@ -182,8 +182,7 @@ def explain(
 
     since = mark()
     try:
-        settings = predict_settings(model, None)  # predict's views, so the call is predict's
-        views = ViewPolicy(settings.first_views, settings.view_confidence)
+        views = ViewPolicy.of(predict_settings(model, None))  # predict's views, so the call is predict's
         rows = explain_paths(model, paths, out, size=size, target=target, device=device, views=views)
     except USER_ERRORS as exc:
         _fail(exc)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from multifusion.core.config import PredictConfig
 from multifusion.data.dataset import to_model_input
 from multifusion.evaluation.evaluate import dihedral_views
 from multifusion.evaluation.spectrum import radial_log_spectrum
@@ -54,6 +55,11 @@ class ViewPolicy:
             raise ValueError(f"predict.first_views must be 1 to 8 (8 = all eight views), got {self.first}")
         if not 0.0 < self.confidence <= 1.0:
             raise ValueError(f"predict.view_confidence must be in (0, 1] (1 = all eight views), got {self.confidence}")
+
+    @classmethod
+    def of(cls, predict: PredictConfig) -> ViewPolicy:
+        """The policy of params.yaml's ``predict`` section."""
+        return cls(predict.first_views, predict.view_confidence)
 
 
 @dataclass

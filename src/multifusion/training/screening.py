@@ -36,8 +36,8 @@ def fit_screening(
     train_idx, val_idx = prepared.split_indices("train"), prepared.split_indices("val")
     batch = cfg.evaluate.batch_size
     train_out = screen_outputs(model, prepared.images[train_idx], batch, device, temperature, tta=False)  # features only
-    policy = {"tta": cfg.evaluate.tta, "first_views": cfg.predict.first_views, "view_confidence": cfg.predict.view_confidence}
-    views = ViewPolicy(cfg.predict.first_views, cfg.predict.view_confidence)
+    views = ViewPolicy.of(cfg.predict)
+    policy = {"tta": cfg.evaluate.tta, "first_views": views.first, "view_confidence": views.confidence}  # the card's record
     val_out = screen_outputs(model, prepared.images[val_idx], batch, device, temperature, cfg.evaluate.tta, views)
     val_labels = prepared.labels(val_idx)  # (V,)
     fitted = fit_unknown(
