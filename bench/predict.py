@@ -95,10 +95,15 @@ def main() -> None:
     parser.add_argument("--cli", action="store_true", help="also time the `multifusion predict` command")
     parser.add_argument("--report", action="store_true", help="also time predict with --report (HTML page, explanation overlays)")
     parser.add_argument("--rounds", type=int, default=3, help="with --report: best of this many alternating runs")
+    parser.add_argument("--views", default=None, metavar="FIRST,CONFIDENCE",
+                        help="the view policy predict runs with (default: params.yaml's predict.first_views, predict.view_confidence)")
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "params.yaml")
     views = ViewPolicy.of(cfg.predict)
+    if args.views:
+        first, confidence = args.views.split(",")
+        views = ViewPolicy(int(first), float(confidence))
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -161,7 +166,7 @@ def main() -> None:
                 rows.append(("multifusion predict (CLI, incl. start-up)", device, args.n / cli_s, peer_s / cli_s))
 
     print(f"\n{args.n} images {args.width}x{args.height}{args.format} -> {S}x{S}, batch {batch}, "
-          f"torch threads {torch.get_num_threads()}, model {model_dir.name}")
+          f"torch threads {torch.get_num_threads()}, model {model_dir.name}, views: first {views.first} at {views.confidence:g}")
     print(f"{'pipeline':44s} {'device':6s} {'images/s':>10s} {'vs peer':>8s}")
     for name, device, rate, ratio in rows:
         print(f"{name:44s} {device:6s} {'' if rate is None else f'{rate:10.1f}':>10s} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")
