@@ -40,8 +40,9 @@ def main() -> None:
     if len(test) == 0:
         raise SystemExit(f"{args.prepared}: the test split is empty; check data.split in params.yaml")
 
-    result = evaluate_under_shifts(
-        loaded.model, prepared.images[test], prepared.labels(test), cfg, loaded.temperature, device=device
+    result = evaluate_under_shifts(  # the model's own grey-level policy, as predict applies it
+        loaded.model, prepared.images[test], prepared.labels(test), cfg, loaded.temperature, device=device,
+        grey_levels=loaded.input.grey_levels,
     )
     result = {"model": loaded.model_name, **result}
     write_json(args.metrics, result)

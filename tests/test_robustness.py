@@ -239,24 +239,26 @@ class MeanRecorder(torch.nn.Module):
         return torch.zeros(x.shape[0], 2)
 
 
-@pytest.mark.parametrize("grey_levels", ["standardize", "raw"])
-def test_a_shifted_image_goes_through_the_grey_level_policy_again(make_config, grey_levels):
-    """Under data.grey_levels=standardize every shifted image reaches the model standardized again
+@pytest.mark.parametrize("grey_levels, given", [("standardize", None), ("raw", None), ("raw", "standardize"), ("standardize", "raw")])
+def test_a_shifted_image_goes_through_the_grey_level_policy_again(make_config, grey_levels, given):
+    """Under the standardize policy every shifted image reaches the model standardized again
     (mean 128 grey levels), as a micrograph taken at that setting would in predict; under raw the
-    brightness shift shows."""
+    brightness shift shows. The policy is ``data.grey_levels`` unless one is given (a loaded
+    model's card: the robustness stage passes its own)."""
     from multifusion.data.dataset import to_model_input
     from multifusion.data.grey_levels import GREY_MEAN, standardize_grey_levels
     from multifusion.evaluation.robustness import evaluate_under_shifts
 
     cfg = make_config({"robustness.brightness": [0.5], "robustness.batch_size": 6, "data.grey_levels": grey_levels})
+    policy = given or grey_levels
     images = standardize_grey_levels(textured(6, 48))  # as prepare stores them under standardize
     model = MeanRecorder()
-    evaluate_under_shifts(model, images, np.zeros(6, int), cfg)
+    evaluate_under_shifts(model, images, np.zeros(6, int), cfg, grey_levels=given)
     means = np.array(model.means)  # every image of every level, clean first
     target = to_model_input(np.full((1, 1, 1), GREY_MEAN, np.uint8)).item()
     n_before_brightness = 6 * (1 + sum(len(getattr(cfg.robustness, name)) for name in list(SHIFTS)[: list(SHIFTS).index("brightness")]))
     bright = means[n_before_brightness : n_before_brightness + 6]
-    if grey_levels == "standardize":
+    if policy == "standardize":
         np.testing.assert_allclose(means, target, atol=0.05)  # 3 grey levels: rounding and clipping
     else:
         assert (bright > target + 0.5).all()  # +0.5 of the range, not undone

@@ -31,6 +31,7 @@ def evaluate_under_shifts(
     temperature: float = 1.0,
     device: str | torch.device = "cpu",
     keep_predictions: bool = False,
+    grey_levels: str | None = None,
 ) -> dict:
     """Accuracy and macro-F1 of ``model`` on clean and shifted copies of ``images_u8``.
 
@@ -38,13 +39,15 @@ def evaluate_under_shifts(
     Returns ``{"n_images": N, "clean": {accuracy, macro_f1},
     "shifts": {shift: {str(severity): {severity, level, accuracy, macro_f1}}}}`` with
     levels numbered 1.. in the params order (mildest first). A shifted image goes through the
-    input's grey-level policy again (``cfg.data.grey_levels``), as a micrograph taken under the
-    shifted setting would in ``predict``. Deterministic from
+    input's grey-level policy again (``grey_levels``: a loaded model's card, as ``predict`` applies
+    it; None = ``cfg.data.grey_levels``, the policy a model trained from ``cfg`` has), as a
+    micrograph taken under the shifted setting would in ``predict``. Deterministic from
     ``cfg.robustness.seed``. With ``keep_predictions`` also ``"labels"`` (N,) and, in the
     clean entry and every level's, the per-image ``"predictions"`` (N,): what a paired test
     between two models needs (the comparison report's per-level McNemar test).
     """
     rob = cfg.robustness
+    policy = cfg.data.grey_levels if grey_levels is None else grey_levels
     images_u8 = np.ascontiguousarray(images_u8, dtype=np.uint8)
     labels = np.asarray(labels)
 
@@ -63,7 +66,7 @@ def evaluate_under_shifts(
         per_severity = {}
         for level, severity in enumerate(getattr(rob, name), start=1):
             rng = np.random.default_rng([rob.seed, shift_index, level])
-            shifted = apply_grey_levels(apply_shift(name, images_u8, severity, rng), cfg.data.grey_levels)
+            shifted = apply_grey_levels(apply_shift(name, images_u8, severity, rng), policy)
             per_severity[str(severity)] = {"severity": severity, "level": level, **score(shifted)}
         result["shifts"][name] = per_severity
     return result
