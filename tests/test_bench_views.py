@@ -90,3 +90,24 @@ def test_robustness_models_summary_is_the_mean_over_seeds_and_shift_levels():
     runs = {42: result(0.9, [0.5, 0.3], [0.2]), 43: result(0.7, [0.1, 0.1], [0.4])}
     clean, shifted = bench.clean_and_shifted(runs)
     np.testing.assert_allclose([clean, shifted], [0.8, np.mean([np.mean([0.5, 0.3, 0.2]), np.mean([0.1, 0.1, 0.4])])])
+
+
+def test_the_bench_view_policy_scores_what_predict_computes():
+    """adaptive_views.policy on the eight views' logits gives the logits predict's screen_outputs
+    computes under ViewPolicy(first, threshold), for one and two first views."""
+    from multifusion.inference.views import ViewPolicy, screen_outputs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.GELU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 7 * 7, 3)).eval()
+    images = np.random.default_rng(0).integers(0, 255, (12, 16, 16), dtype=np.uint8)
+    views = adaptive_views.view_logits(model, images, 5)  # (8, N, K)
+    for first in (1, 2):
+        opening = views[[0, 4][:first]].mean(0)
+        top1 = torch.softmax(torch.from_numpy(opening) / 0.5, dim=1).max(dim=1).values.numpy()
+        threshold = float(np.median(top1))
+        logits, more = adaptive_views.policy(views, 0.5, threshold, first)
+        assert 0 < more.sum() < len(images)
+        out = screen_outputs(model, images, 5, "cpu", 0.5, True, ViewPolicy(first, threshold))
+        np.testing.assert_allclose(out.logits, logits, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(out.views == 8, more)
