@@ -11,9 +11,10 @@ over the next class (negative: it argued for the runner-up).
     parts = margin_terms(model, images_u8, calls, device, views)   # None without the cross-modal head
     parts.terms (B, 3)  parts.runner_up (B,)  parts.margin (B,)
 
-The terms are averaged over the views the call averaged (``views``: 1 = the identity view,
-8 = the dihedral views, as :mod:`multifusion.inference.views` decided per image), so they sum
-to the margin of the very logits behind the call.
+The terms are averaged over the views the call averaged (``views``: n = the first n of
+:data:`multifusion.inference.views.VIEW_ORDER`, 1 the identity view, 8 all the dihedral views,
+as :mod:`multifusion.inference.views` decided per image), so they sum to the margin of the very
+logits behind the call.
 
 The description attention (visual-to-text weights over all T descriptions) is listed only
 where it is not flat: :func:`attention_flatness` is its entropy over log T (1 = uniform).
@@ -29,6 +30,7 @@ import torch.nn as nn
 
 from multifusion.data.dataset import to_model_input
 from multifusion.evaluation.evaluate import dihedral_views
+from multifusion.inference.views import VIEW_ORDER
 
 TERMS = ("visual", "descriptions", "prototypes")
 FLAT = 0.95  # normalised attention entropy at or above which the attention is called flat
@@ -45,7 +47,7 @@ class MarginTerms:
 def margin_terms(
     model: nn.Module, images_u8: np.ndarray, calls: np.ndarray, device: str | torch.device = "cpu", views: np.ndarray | None = None
 ) -> MarginTerms | None:
-    """uint8 images (B, S, S), called classes (B,), views (B,) of 1 or 8 (None: 1) -> the
+    """uint8 images (B, S, S), called classes (B,), views (B,) of 1 to 8 (None: 1) -> the
     margin's split over the head's terms, averaged over those views; None for a model
     without the cross-modal head's ``logit_terms``."""
     head = getattr(model, "head", None)
@@ -61,11 +63,12 @@ def margin_terms(
             parts = head.logit_terms(model.forward_features(v), text)
             return torch.stack([parts[name].float() for name in TERMS], dim=-1).cpu()
 
-        stacked = terms_of(x)  # (B, K, 3)
-        more = torch.nonzero(torch.as_tensor(np.asarray(views) > 1)).flatten() if views is not None else torch.zeros(0, dtype=torch.long)
-        if len(more):  # the images whose call averaged the 8 dihedral views
-            summed = stacked[more] + sum(terms_of(v) for v in dihedral_views(x[more.to(x.device)])[1:])
-            stacked[more] = summed / 8.0
+        stacked = terms_of(x)  # (B, K, 3): the identity view's
+        counts = np.ones(len(x), dtype=int) if views is None else np.asarray(views)
+        for n in sorted(set(counts.tolist()) - {1}):  # the images whose call averaged the first n views
+            idx = torch.from_numpy(np.flatnonzero(counts == n))
+            turned = dihedral_views(x[idx.to(x.device)])
+            stacked[idx] = (stacked[idx] + sum(terms_of(turned[i]) for i in VIEW_ORDER[1:n])) / n
     finally:
         model.train(was_training)
     rows = torch.arange(len(stacked))
