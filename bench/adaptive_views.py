@@ -28,6 +28,7 @@ import torch
 from multifusion.data.dataset import load_prepared, to_model_input
 from multifusion.evaluation.evaluate import dihedral_views, predict_logits, softmax
 from multifusion.evaluation.ood import load_unknown
+from multifusion.evaluation.spectrum import BANDS
 from multifusion.inference.views import VIEW_ORDER, ViewPolicy, screen_outputs
 from multifusion.model.card import load_model
 
@@ -142,7 +143,8 @@ def main() -> None:
     unknown = load_unknown(args.model, card.get("unknown"))
 
     def screened(tta: bool, t: float) -> None:
-        out = screen_outputs(model, test, args.batch, "cpu", T, tta, ViewPolicy(args.first, t))
+        out = screen_outputs(model, test, args.batch, "cpu", T, tta, ViewPolicy(args.first, t),
+                             unknown.bands if unknown is not None else BANDS)
         if unknown is not None:
             unknown(out.logits, out.features, out.spectra)  # the unknown score, as predict computes it
 

@@ -97,7 +97,7 @@ def test_radial_log_spectrum_matches_numpy_and_ignores_orientation_and_level():
     assert torch.isfinite(flat).all()
 
 
-def test_knn_spectrum_is_the_sum_of_both_distances_scaled_on_val():
+def test_knn_spectrum_is_the_larger_of_both_distances_scaled_on_val(tmp_path):
     rng = np.random.default_rng(5)
     K, D, B = 3, 8, spectrum.BANDS
     train_labels = rng.integers(0, K, 150)
@@ -111,11 +111,28 @@ def test_knn_spectrum_is_the_sum_of_both_distances_scaled_on_val():
     profile_d = NearestNeighbors(n_neighbors=4).fit(train_spectra).kneighbors(val_spectra)[0][:, 3]
     scales = np.quantile(feature_d, 0.95), np.quantile(profile_d, 0.95)
     np.testing.assert_allclose(fitted.scales, scales, rtol=1e-5)
-    np.testing.assert_allclose(fitted(logits, val, val_spectra), feature_d / scales[0] + profile_d / scales[1], rtol=1e-5)
+    larger = np.maximum(feature_d / scales[0], profile_d / scales[1])
+    np.testing.assert_allclose(fitted(logits, val, val_spectra), larger, rtol=1e-5)
+    assert (fitted.bands, fitted.combine) == (B, "max")
     with pytest.raises(ValueError, match="texture profiles"):
         fitted(logits, val)
+    with pytest.raises(ValueError, match="16 bands against a bank of 32"):
+        fitted(logits, val, val_spectra[:, :16])
     texture_far = val_spectra + 6.0  # known features, a texture no training image has
     assert fitted.flags(fitted(logits, val, texture_far)).all()
+    # the card records bands and combination; a card fitted before recorded neither and keeps the 16-band sum
+    entry = ood.save_unknown_tensors(tmp_path, fitted)
+    assert ood.load_unknown(tmp_path, entry)(logits, val, val_spectra) == pytest.approx(larger, rel=1e-5)
+    legacy = {k: v for k, v in entry.items() if k not in ("bands", "combine")}
+    old = ood.load_unknown(tmp_path, legacy)
+    assert (old.bands, old.combine) == (16, "sum")
+    bank16 = old.tensors["spectrum_bank"][:, :16]
+    old.tensors["spectrum_bank"] = bank16
+    np.testing.assert_allclose(old(logits, val, val_spectra[:, :16]),
+                               feature_d / scales[0] + NearestNeighbors(n_neighbors=4).fit(bank16.numpy()).kneighbors(
+                                   val_spectra[:, :16])[0][:, 3] / scales[1], rtol=1e-5)
+    with pytest.raises(ood.UnknownScoreError, match="combines by 'mean'"):
+        ood.load_unknown(tmp_path, entry | {"combine": "mean"})
 
 
 @pytest.mark.parametrize("score", ["knn_spectrum", "knn", "mahalanobis", "energy", "max_softmax"])

@@ -20,7 +20,8 @@ from test_predict import BAD, CLASSES, GOOD, TEMPERATURE, folder  # noqa: F401 -
 from multifusion.core.config import ConfigError, load_config
 from multifusion.data.dataset import to_model_input
 from multifusion.evaluation.evaluate import dihedral_views, predict_logits
-from multifusion.evaluation.ood import fit_unknown, knn_score, save_unknown_tensors
+from multifusion.evaluation import spectrum
+from multifusion.evaluation.ood import fit_unknown, kth_distance, knn_score, save_unknown_tensors
 from multifusion.evaluation.selective import risk_coverage
 from multifusion.inference.predict import predict_paths, read_one
 from multifusion.inference.views import VIEW_ORDER, ViewPolicy, screen_outputs
@@ -86,6 +87,38 @@ def test_ood_score_is_the_knn_distance_and_unknown_its_threshold(scored_model, f
     assert list(ok["unknown"] == "True") == list(ok["ood_score"].astype(float) > threshold)
     assert 0 < (ok["unknown"] == "True").sum() < len(ok)
     assert (table.loc[table["status"] == "error", "unknown"] == "").all()
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_knn_spectrum_scores_with_the_profile_bands_its_card_records(tmp_path, make_config, folder, legacy):  # noqa: F811
+    """predict computes the texture profiles at the fitted score's bands: 32 and the larger term
+    today; a card fitted before recorded neither and keeps its 16-band sum."""
+    cfg = make_config({"hnf.layers": 1, "hnf.dim": 16, "hnf.stem_width": 32, "hnf.stem_depth": 2, "data.image_size": 32, "fusion.text": False})
+    torch.manual_seed(0)
+    model = build_model(cfg, CLASSES, None).eval()
+    rng = np.random.default_rng(0)
+    train, val = rng.integers(0, 255, (24, 32, 32), dtype=np.uint8), rng.integers(0, 255, (12, 32, 32), dtype=np.uint8)
+    bands = 16 if legacy else spectrum.BANDS
+    tr = screen_outputs(model, train, 8, "cpu", TEMPERATURE, False, spectrum_bands=bands)
+    va = screen_outputs(model, val, 8, "cpu", TEMPERATURE, True, spectrum_bands=bands)
+    fitted = fit_unknown("knn_spectrum", 0.9, torch.from_numpy(tr.features), torch.from_numpy(rng.integers(0, 3, 24)), 3,
+                         torch.from_numpy(va.logits), torch.from_numpy(va.features), TEMPERATURE, 3,
+                         torch.from_numpy(tr.spectra), torch.from_numpy(va.spectra))
+    out = tmp_path / "model"
+    out.mkdir()
+    entry = save_unknown_tensors(out, fitted)
+    assert entry["bands"] == bands
+    if legacy:
+        entry = {k: v for k, v in entry.items() if k not in ("bands", "combine")}
+    save_model(out, model, cfg, CLASSES, None, TEMPERATURE, "hnf", unknown=entry)
+    ok = run(out, [folder], tmp_path / "p.csv").query("status == 'ok'")
+    loaded = load_model(out)
+    images = np.stack([read_one(Path(p), loaded.input)[0] for p in ok["path"]])
+    got = screen_outputs(loaded.model, images, 2, "cpu", TEMPERATURE, False, spectrum_bands=bands)
+    feature_term = knn_score(torch.from_numpy(got.features), fitted.tensors["bank"], 3).numpy() / fitted.scales[0]
+    profile_term = kth_distance(torch.from_numpy(got.spectra), fitted.tensors["spectrum_bank"], 3).numpy() / fitted.scales[1]
+    expected = feature_term + profile_term if legacy else np.maximum(feature_term, profile_term)
+    np.testing.assert_allclose(ok["ood_score"].astype(float), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_target_accuracy_abstains_below_the_val_curve_and_keeps_every_row(scored_model, folder, tmp_path):  # noqa: F811

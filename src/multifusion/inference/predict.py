@@ -47,6 +47,7 @@ from multifusion.data.parallel import parallel_map
 from multifusion.data.preprocess import load_micrograph
 from multifusion.evaluation.evaluate import softmax
 from multifusion.evaluation.ood import UnknownScore, load_unknown
+from multifusion.evaluation.spectrum import BANDS
 from multifusion.evaluation.selective import RiskCoverage
 from multifusion.inference.views import ScreenOutputs, ViewPolicy, screen_outputs
 from multifusion.model.card import LoadedModel, load_model
@@ -276,7 +277,8 @@ def screen_images(loaded: LoadedModel, images: np.ndarray, batch_size: int, devi
                   screening: Screening) -> tuple[np.ndarray, list[dict], np.ndarray]:
     """uint8 images (B, S, S) -> (calibrated probabilities (B, C), per image {ood_score, unknown,
     abstained}, views averaged (B,))."""
-    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.views)
+    bands = screening.unknown.bands if screening.unknown is not None else BANDS  # the profiles its score was fitted on
+    out = screen_outputs(loaded.model, images, batch_size, device, loaded.temperature, loaded.input.tta, screening.views, bands)
     probs = softmax(out.logits, loaded.temperature)  # (B, C)
     return probs, screening.columns(probs, out), out.views
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 from multifusion.core.config import PredictConfig
 from multifusion.data.dataset import to_model_input
 from multifusion.evaluation.evaluate import dihedral_views
-from multifusion.evaluation.spectrum import radial_log_spectrum
+from multifusion.evaluation.spectrum import BANDS, radial_log_spectrum
 
 
 # indices into dihedral_views, in the order the policy adds them: identity, 180, 90 and 270 degrees, then the mirrored four
@@ -96,8 +96,10 @@ def screen_outputs(
     temperature: float,
     tta: bool,
     views: ViewPolicy = ViewPolicy(),
+    spectrum_bands: int = BANDS,
 ) -> ScreenOutputs:
-    """uint8 images (N, S, S) -> logits under the view policy, identity-view features, views used."""
+    """uint8 images (N, S, S) -> logits under the view policy, identity-view features, texture
+    profiles of ``spectrum_bands`` bands (a fitted knn_spectrum score's ``bands``), views used."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -105,7 +107,7 @@ def screen_outputs(
     logit_chunks, feature_chunks, spectrum_chunks, view_chunks = [], [], [], []
     for start in range(0, len(images_u8), batch_size):
         batch_u8 = np.asarray(images_u8[start : start + batch_size])  # (B, S, S)
-        spectrum_chunks.append(radial_log_spectrum(batch_u8))  # (B, bands)
+        spectrum_chunks.append(radial_log_spectrum(batch_u8, spectrum_bands))  # (B, bands)
         x = to_model_input(batch_u8).to(device)  # (B, 1, S, S)
         every_view = dihedral_views(x) if tta else [x]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
