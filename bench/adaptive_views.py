@@ -34,12 +34,14 @@ from multifusion.model.card import load_model
 
 
 @torch.no_grad()
-def view_logits(model: torch.nn.Module, images: np.ndarray, batch: int) -> np.ndarray:
-    """uint8 (N, S, S) -> (8, N, K): the logits of each dihedral view (view 0 = identity)."""
+def view_logits(model: torch.nn.Module, images: np.ndarray, batch: int, bf16: bool = False) -> np.ndarray:
+    """uint8 (N, S, S) -> (8, N, K): the logits of each dihedral view (view 0 = identity), under
+    bf16 autocast when ``bf16``."""
     chunks = []
-    for start in range(0, len(images), batch):
-        x = to_model_input(images[start : start + batch])
-        chunks.append(torch.stack([model(v) for v in dihedral_views(x)]).numpy())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for start in range(0, len(images), batch):
+            x = to_model_input(images[start : start + batch])
+            chunks.append(torch.stack([model(v).float() for v in dihedral_views(x)]).numpy())
     return np.concatenate(chunks, axis=1)
 
 
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--cheaper", type=lambda v: [float(t) for t in v.split(",")], default=[],
                         help="thresholds at which to score view policies cheaper than eight views (subsets, a cascade)")
     parser.add_argument("--also", type=lambda v: [float(t) for t in v.split(",")], default=[], help="more thresholds to time")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the views' forward pass (predict.precision); bf16: the table's 'vs 8-view' is against fp32's eight views")
     args = parser.parse_args()
     out = args.out.open("a")
 
@@ -107,22 +111,32 @@ def main() -> None:
     T = loaded.temperature
     thresholds = [float(t) for t in args.thresholds.split(",")]
     log(f"=== bench/adaptive_views.py {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC: {args.model} "
-        f"({len(loaded.classes)} classes, T {T:.3f}), {torch.get_num_threads()} thread(s), first views {args.first}")
+        f"({len(loaded.classes)} classes, T {T:.3f}), {torch.get_num_threads()} thread(s), first views {args.first}, {args.precision}")
     rows: dict[str, dict[float, tuple[float, float]]] = {}
     for split in ("val", "test") if args.chosen is None else ():
         idx = prepared.split_indices(split)
         images, labels = np.asarray(prepared.images[idx]), prepared.labels(idx)
-        views = view_logits(loaded.model, images, args.batch)  # (8, N, K)
-        full = float((views.mean(0).argmax(1) == labels).mean())
+        views = view_logits(loaded.model, images, args.batch, args.precision == "bf16")  # (8, N, K)
+        reference = views if args.precision == "fp32" else view_logits(loaded.model, images, args.batch)  # fp32 (8, N, K)
+        full = float((reference.mean(0).argmax(1) == labels).mean())
         one = float((views[0].argmax(1) == labels).mean())
         rows[split] = {}
-        log(f"{split} ({len(labels)} images): 8-view top-1 {full:.4f}, one view {one:.4f}")
+        log(f"{split} ({len(labels)} images): 8-view top-1 {full:.4f} (fp32), one view {one:.4f} ({args.precision})")
+        if args.precision != "fp32":
+            same = views.mean(0).argmax(1)
+            ref = reference.mean(0).argmax(1)
+            log(f"  8 views in {args.precision}: top-1 {(same == labels).mean():.4f}; against fp32's eight, images only fp32 / "
+                f"only {args.precision} right: {int(((ref == labels) & (same != labels)).sum())} / "
+                f"{int(((ref != labels) & (same == labels)).sum())}")
         log(f"  {'threshold':>9} {'top-1':>7} {'vs 8-view':>9} {'8-view share':>12} {'passes':>6}")
         for t in thresholds:
             logits, more = policy(views, T, t, args.first)
             acc = float((logits.argmax(1) == labels).mean())
             rows[split][t] = (acc - full, float(more.mean()))
-            log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f} {args.first + (8 - args.first) * more.mean():>6.2f}")
+            ref = reference.mean(0).argmax(1) == labels
+            lost, gained = int((ref & (logits.argmax(1) != labels)).sum()), int((~ref & (logits.argmax(1) == labels)).sum())
+            log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f} {args.first + (8 - args.first) * more.mean():>6.2f}"
+                f"   lost / gained vs 8 views: {lost} / {gained}")
         for t in args.cheaper:
             logits, more = policy(views, T, t)
             log(f"  cheaper than eight views on the uncertain images at threshold {t:g} "
@@ -143,7 +157,7 @@ def main() -> None:
     unknown = load_unknown(args.model, card.get("unknown"))
 
     def screened(tta: bool, t: float) -> None:
-        out = screen_outputs(model, test, args.batch, "cpu", T, tta, ViewPolicy(args.first, t),
+        out = screen_outputs(model, test, args.batch, "cpu", T, tta, ViewPolicy(args.first, t, args.precision),
                              unknown.bands if unknown is not None else BANDS)
         if unknown is not None:
             unknown(out.logits, out.features, out.spectra)  # the unknown score, as predict computes it

@@ -4,6 +4,7 @@
     python bench/predict.py --n 200 --cli        # fewer files, also time the CLI end to end
     python bench/predict.py --report             # also time `predict --report` (HTML page with overlays)
     python bench/predict.py --model WS/models/hnf --prepared WS/data/prepared   # the test split's originals of a real set
+    python bench/predict.py ... --precisions fp32,auto     # predict at each predict.precision, in the same run
 
 With ``--prepared`` the files timed are the originals of that prepared set's test split (for
 a model trained on it: its adaptive views then take the share of eight-view passes they take
@@ -23,6 +24,7 @@ eight views on every image: pass a trained ``--model`` to measure the adaptive p
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import subprocess
 import sys
 import tempfile
@@ -97,13 +99,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="with --report: best of this many alternating runs")
     parser.add_argument("--views", default=None, metavar="FIRST,CONFIDENCE",
                         help="the view policy predict runs with (default: params.yaml's predict.first_views, predict.view_confidence)")
+    parser.add_argument("--precisions", default=None, metavar="P[,P...]",
+                        help="time predict at each of these predict.precision values in the same run, e.g. fp32,auto "
+                             "(default: params.yaml's)")
     args = parser.parse_args()
 
     cfg = load_config(ROOT / "params.yaml")
     views = ViewPolicy.of(cfg.predict)
     if args.views:
         first, confidence = args.views.split(",")
-        views = ViewPolicy(int(first), float(confidence))
+        views = ViewPolicy(int(first), float(confidence), views.precision)
+    policies = [replace(views, precision=p) for p in (args.precisions.split(",") if args.precisions else [views.precision])]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -144,16 +150,17 @@ def main() -> None:
             predict_probs(hnf.model, images[:batch], batch, device)  # warm-up
             resnet_loop(resnet, paths[:batch], policy, batch, device)
             peer_s = timed(lambda: resnet_loop(resnet, paths, policy, batch, device))
-            ours_s = timed(lambda: predict_paths(model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5,
-                                                 batch_size=batch, device=device, progress=False,
-                                                 views=views))
+            ours_s = {policy: timed(lambda policy=policy: predict_paths(
+                model_dir, [folder], tmp_path / "p.csv", top_k=3, uncertain_threshold=0.5, batch_size=batch, device=device,
+                progress=False, views=policy)) for policy in policies}
             hnf_fwd = timed(lambda: predict_probs(hnf.model, images, batch, device))
             with torch.no_grad():
                 res_fwd = timed(lambda: [resnet(to_model_input(images[i : i + batch]).to(device)).cpu()
                                          for i in range(0, args.n, batch)])
             rows += [
                 ("ResNet-18 plain loop (peer)", device, args.n / peer_s, 1.0),
-                ("multifusion predict (library)", device, args.n / ours_s, peer_s / ours_s),
+                *((f"multifusion predict (library, {p.precision}: {'bf16' if p.bf16_on(torch.device(device)) else 'fp32'})",
+                   device, args.n / t, peer_s / t) for p, t in ours_s.items()),
                 *(report_rows(model_dir, folder, tmp_path, batch, device, args.n, peer_s, args.rounds,
                               views) if args.report else []),
                 ("  forward only: HNF", device, args.n / hnf_fwd, None),
@@ -166,7 +173,8 @@ def main() -> None:
                 rows.append(("multifusion predict (CLI, incl. start-up)", device, args.n / cli_s, peer_s / cli_s))
 
     print(f"\n{args.n} images {args.width}x{args.height}{args.format} -> {S}x{S}, batch {batch}, "
-          f"torch threads {torch.get_num_threads()}, model {model_dir.name}, views: first {views.first} at {views.confidence:g}")
+          f"torch threads {torch.get_num_threads()}, model {model_dir.name}, views: first {views.first} at {views.confidence:g}, "
+          f"precision {', '.join(p.precision for p in policies)}")
     print(f"{'pipeline':44s} {'device':6s} {'images/s':>10s} {'vs peer':>8s}")
     for name, device, rate, ratio in rows:
         print(f"{name:44s} {device:6s} {'' if rate is None else f'{rate:10.1f}':>10s} {'' if ratio is None else f'{ratio:7.2f}x':>8s}")

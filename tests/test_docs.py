@@ -90,7 +90,8 @@ def test_api_predict_defaults_are_params_yaml_predict_section() -> None:
     assert defaults["batch_size"].default == settings.batch_size
     for method in (Classifier.predict, Classifier.explain):  # the views: explain's call is predict's
         views = inspect.signature(method).parameters
-        assert (views["first_views"].default, views["view_confidence"].default) == (settings.first_views, settings.view_confidence)
+        assert ((views["first_views"].default, views["view_confidence"].default, views["precision"].default)
+                == (settings.first_views, settings.view_confidence, settings.precision))
 
 
 def test_generated_tables_and_figures_match_the_reports() -> None:

@@ -172,6 +172,44 @@ def test_a_view_policy_out_of_range_is_refused_in_one_line(first, confidence):
         ViewPolicy(first, confidence)
 
 
+def test_precision_auto_is_bf16_where_the_device_has_it_and_bf16_runs_under_autocast(scored_model, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not ViewPolicy().bf16_on(cpu) and not ViewPolicy(precision="fp32").bf16_on(cuda)
+    assert ViewPolicy(precision="bf16").bf16_on(cpu) and ViewPolicy(precision="auto").bf16_on(cuda)
+    for native in (True, False):
+        monkeypatch.setattr("multifusion.inference.views.native_cpu_bf16", lambda native=native: native)
+        assert ViewPolicy(precision="auto").bf16_on(cpu) is native
+    with pytest.raises(ValueError, match=r"predict\.precision must be one of auto, fp32, bf16, got 'fp16'"):
+        ViewPolicy(2, 0.9, "fp16")
+    loaded = load_model(scored_model)
+    images = np.random.default_rng(3).integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    fp32 = screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True)
+    bf16 = screen_outputs(loaded.model, images, 3, "cpu", TEMPERATURE, True, ViewPolicy(precision="bf16"))
+    assert not np.array_equal(bf16.logits, fp32.logits)  # the autocast took effect ...
+    np.testing.assert_allclose(bf16.logits, fp32.logits, atol=0.1 * np.abs(fp32.logits).max())  # ... at bf16's precision
+    assert bf16.logits.dtype == np.float32 and bf16.features.dtype == np.float32
+
+
+def test_predict_precision_is_a_checked_param_and_a_cli_option(tmp_path, scored_model, folder):  # noqa: F811
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["predict"]["precision"] = "half"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"predict\.precision"):
+        load_config(tmp_path / "params.yaml")
+    from typer.testing import CliRunner
+
+    from multifusion.cli import app
+
+    bad = CliRunner().invoke(app, ["predict", "--model", str(scored_model), str(folder), "--out", str(tmp_path / "p.csv"),
+                                   "--params", str(ROOT / "params.yaml"), "--precision", "fp16"])
+    assert bad.exit_code != 0 and "predict.precision must be one of auto, fp32, bf16" in bad.output
+    assert not (tmp_path / "p.csv").exists()
+    ok = CliRunner().invoke(app, ["predict", "--model", str(scored_model), str(folder), "--out", str(tmp_path / "p.csv"),
+                                  "--params", str(ROOT / "params.yaml"), "--precision", "fp32"])
+    assert ok.exit_code == 0, ok.output
+    assert (pd.read_csv(tmp_path / "p.csv")["status"] == "ok").sum() == len(GOOD)
+
+
 def test_the_former_single_view_key_names_its_replacement(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["predict"]["single_view_confidence"] = params["predict"].pop("view_confidence")
@@ -258,7 +296,8 @@ def test_train_fits_and_saves_the_unknown_score_with_the_model(make_config, make
 
     prepared = make_prepared(per_class={"train": 8, "val": 7, "test": 2})
     cfg = make_config({"data.image_size": 16, "hnf.stem": "conv", "hnf.layers": 1, "hnf.dim": 16, "fusion.text": False,
-                       "train.batch_size": 8, "train.epochs": 1, "ood.score": "mahalanobis", "ood.keep_rate": 0.9})
+                       "train.batch_size": 8, "train.epochs": 1, "ood.score": "mahalanobis", "ood.keep_rate": 0.9,
+                       "predict.precision": "fp32"})  # fp32: the keep rate below is checked to float noise
     torch.manual_seed(0)
     classes = load_prepared(prepared).classes
     fit(build_model(cfg, classes, None), cfg, prepared, tmp_path / "model", tmp_path / "ck", tmp_path / "live", "hnf")
@@ -266,7 +305,8 @@ def test_train_fits_and_saves_the_unknown_score_with_the_model(make_config, make
     entry = loaded.unknown
     assert entry["score"] == "mahalanobis" and entry["keep_rate"] == 0.9 and entry["n_val"] == 21
     assert entry["tensors"]["shapes"] == {"means": [3, 32], "precision": [32, 32]}  # (1 HNF layer + the global token) x 16
-    assert entry["views"] == {"tta": cfg.evaluate.tta, "first_views": cfg.predict.first_views, "view_confidence": cfg.predict.view_confidence}
+    assert entry["views"] == {"tta": cfg.evaluate.tta, "first_views": cfg.predict.first_views, "view_confidence": cfg.predict.view_confidence,
+                              "precision": "fp32", "bf16": False}
     assert entry["selective"]["n"] == 21 and entry["selective"]["coverage"][-1] == 1.0
     fitted = load_unknown(tmp_path / "model", entry)
     data = load_prepared(prepared)

@@ -63,6 +63,7 @@ class Classifier:
         workers: int | None = None,
         first_views: int = 2,
         view_confidence: float = 0.9,
+        precision: str = "auto",
         target_accuracy: float | None = None,
     ) -> pd.DataFrame:
         """Classify the micrographs named by ``paths`` (files, folders walked recursively, glob patterns).
@@ -74,7 +75,7 @@ class Classifier:
         unknown-material score and its threshold), ``abstained`` (with ``target_accuracy``:
         below the val risk-coverage curve's confidence for it) and ``error`` (why a file could
         not be read). ``first_views`` / ``view_confidence``: adaptive views (:class:`multifusion.inference.views.ViewPolicy`;
-        8 or 1.0: all eight everywhere). The defaults are those of
+        8 or 1.0: all eight everywhere); ``precision``: auto (bf16 where the device has it natively) | fp32 | bf16. The defaults are those of
         ``params.yaml``'s ``predict`` section (a test keeps them equal); a call does not
         read ``params.yaml``. ``workers``: decoding processes (None: every core).
         """
@@ -91,7 +92,7 @@ class Classifier:
             device=self.device,
             workers=workers,
             progress=False,
-            views=ViewPolicy(first_views, view_confidence),
+            views=ViewPolicy(first_views, view_confidence, precision),
             target_accuracy=target_accuracy,
         )
         return result.table
@@ -105,6 +106,7 @@ class Classifier:
         target: str | None = None,
         first_views: int = 2,
         view_confidence: float = 0.9,
+        precision: str = "auto",
     ) -> pd.DataFrame:
         """Write one explanation overlay PNG per readable input into the folder ``out``
         (Grad-CAM of the predicted class, or of ``target``, over the micrograph as the model
@@ -112,14 +114,14 @@ class Classifier:
 
         Returns the CSV's rows as a DataFrame: ``path``, ``overlay`` (file name in ``out``),
         ``class``, ``probability``, ``method``, ``attended`` (the most attended class
-        descriptions) and ``error``. ``first_views`` / ``view_confidence``: the views of :meth:`predict`,
+        descriptions) and ``error``. ``first_views`` / ``view_confidence`` / ``precision``: those of :meth:`predict`,
         so that the class and probability are the ones ``predict`` gives.
         """
         from multifusion.inference.overlays import COLUMNS, explain_paths
         from multifusion.inference.views import ViewPolicy
 
         rows = explain_paths(self.path, _as_list(paths), out, size=size, target=target, device=self.device,
-                             views=ViewPolicy(first_views, view_confidence))
+                             views=ViewPolicy(first_views, view_confidence, precision))
         return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -4,6 +4,7 @@ the library function that does the work."""
 from __future__ import annotations
 
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -122,6 +123,7 @@ def predict(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     params: str | None = typer.Option(None, "--params", help="params.yaml for the defaults (default: ./params.yaml, else the model's own)."),
     target_accuracy: float | None = typer.Option(None, "--target-accuracy", help="Abstain (column `abstained`) where the model's val risk-coverage curve says a call would miss this accuracy, e.g. 0.99; rows stay in the CSV."),
+    precision: str | None = typer.Option(None, "--precision", help="Forward pass: auto (bf16 where the device has it natively), fp32 (the same numbers on every machine) or bf16 (default: predict.precision)."),
 ) -> None:
     """Classify micrographs with a trained model; unreadable files are listed, never fatal.
 
@@ -144,7 +146,7 @@ def predict(
             contact_sheet_size=settings.contact_sheet,
             report=report,
             target_accuracy=target_accuracy,
-            views=ViewPolicy.of(settings),
+            views=ViewPolicy.of(settings if precision is None else replace(settings, precision=precision)),
             drift_p=settings.drift_p,
         )
     except USER_ERRORS as exc:

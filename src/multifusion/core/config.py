@@ -45,6 +45,7 @@ SOLVERS = ("rk4", "euler", "dopri5")               # hnf.ode.solver
 FUSION_MODES = ("mha", "concat")                   # fusion.mode
 BALANCE_MODES = ("loss", "sampler", "none")        # train.balance
 DEVICES = ("auto", "cpu", "cuda")                  # train.device, evaluate.device
+PRECISIONS = ("auto", "fp32", "bf16")              # predict.precision
 OOD_SCORES = ("knn_spectrum", "knn", "mahalanobis", "energy", "max_softmax")  # ood.score
 PRETRAIN_METHODS = ("byol",)                       # pretrain.method
 MAX_HNF_LAYERS = 4
@@ -237,6 +238,7 @@ class PredictConfig:
     contact_sheet: int
     first_views: int                           # adaptive views: views every image takes first (identity, 180-degree turn, ...); 8 = all
     view_confidence: float                     # the first views stand above this calibrated top-1 prob; else all 8; 1 = always 8
+    precision: str                             # the screening forward pass: auto (bf16 where the device has it natively) | fp32 | bf16
     drift_p: float                             # screening page: warn when the batch's unknown count has a binomial p below this
 
 
@@ -430,7 +432,7 @@ RULES: dict[str, Check] = {
     "evaluate.ece_bins": at_least(1), "evaluate.batch_size": at_least(1), "evaluate.device": one_of(DEVICES),
     "predict.top_k": at_least(1), "predict.batch_size": at_least(1), "predict.uncertain_threshold": FRACTION,
     "predict.contact_sheet": at_least(0), "predict.first_views": in_range(1, 8),
-    "predict.view_confidence": in_range(0.0, 1.0, low_open=True),
+    "predict.view_confidence": in_range(0.0, 1.0, low_open=True), "predict.precision": one_of(PRECISIONS),
     "ood.score": one_of(OOD_SCORES), "ood.keep_rate": in_range(0.0, 1.0, low_open=True), "ood.knn_k": at_least(1),
     "predict.drift_p": in_range(0.0, 1.0, True, True), "ood.target_accuracies": in_range(0.0, 1.0, True),
     "robustness.seed": at_least(0), "robustness.batch_size": at_least(1),

@@ -35,9 +35,10 @@ def fit_screening(
     """Fit the unknown score and the val risk-coverage curve; write the tensors; -> the card's ``"unknown"`` entry."""
     train_idx, val_idx = prepared.split_indices("train"), prepared.split_indices("val")
     batch = cfg.evaluate.batch_size
-    train_out = screen_outputs(model, prepared.images[train_idx], batch, device, temperature, tta=False)  # features only
-    views = ViewPolicy.of(cfg.predict)
-    policy = {"tta": cfg.evaluate.tta, "first_views": views.first, "view_confidence": views.confidence}  # the card's record
+    views = ViewPolicy.of(cfg.predict)  # predict's views and precision: the features and calls predict will score
+    train_out = screen_outputs(model, prepared.images[train_idx], batch, device, temperature, False, views)  # features only
+    policy = {"tta": cfg.evaluate.tta, "first_views": views.first, "view_confidence": views.confidence,
+              "precision": views.precision, "bf16": views.bf16_on(torch.device(device))}  # the card's record
     val_out = screen_outputs(model, prepared.images[val_idx], batch, device, temperature, cfg.evaluate.tta, views)
     val_labels = prepared.labels(val_idx)  # (V,)
     fitted = fit_unknown(
