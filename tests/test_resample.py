@@ -1,11 +1,16 @@
 """resample.resize and the pHash's folded box average against Pillow and scipy."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.fft
 from PIL import Image
 
-from multifusion.data.resample import filter_matrix, resize
+from multifusion.data.resample import WEIGHT_BITS, filter_matrix, resize
 from multifusion.data.hashes import perceptual_hash
 
 
@@ -22,26 +27,50 @@ def test_resize_matches_pillow(kernel, pil, in_shape, out_shape):
     rng = np.random.default_rng(sum(in_shape) + sum(out_shape))
     for _ in range(3):
         image = rng.integers(0, 256, in_shape, dtype=np.uint8)
-        # Pillow in float ('F') resamples with the same weights and no intermediate rounding.
+        # Pillow in float ('F') resamples with its float weights and no intermediate rounding; ours are
+        # those weights to the nearest 2**-16.
         reference = np.asarray(Image.fromarray(image.astype(np.float32)).resize(out_shape[::-1], pil))
         weights_r, weights_c = filter_matrix(in_shape[0], out_shape[0], kernel), filter_matrix(in_shape[1], out_shape[1], kernel)
-        exact = weights_r.astype(np.float64) @ image @ weights_c.T.astype(np.float64)
-        np.testing.assert_allclose(exact, reference, atol=2e-3)
-        # The uint8 result is that, rounded and clipped (float32 may round a tie x.5 the
-        # other way); Pillow's own uint8 path rounds between its passes too, so it is at
-        # most 1 level away on smooth images.
-        expected = np.clip(np.rint(exact), 0, 255)
-        differ = resize(image, out_shape, kernel) != expected
-        assert np.all(np.abs(np.abs(exact - np.floor(exact)) - 0.5)[differ] < 1e-3)
+        np.testing.assert_allclose(weights_r @ image @ weights_c.T, reference, atol=0.02)
+        # The uint8 result is the exact product, rounded and clipped: integer arithmetic in the
+        # weights' units (2**-16) gives it without any float rounding.
+        units_r, units_c = (np.rint(w * 2**WEIGHT_BITS).astype(np.int64) for w in (weights_r, weights_c))
+        numerator = units_r @ image.astype(np.int64) @ units_c.T  # exact, below 2**49
+        expected = np.clip(np.rint(numerator / 2.0 ** (2 * WEIGHT_BITS)), 0, 255)
+        np.testing.assert_array_equal(resize(image, out_shape, kernel), expected)
+        # Pillow's own uint8 path rounds between its passes, so it is at most 1 level away on smooth images.
         smooth = smooth_image(rng, in_shape)
         pillow_uint8 = np.asarray(Image.fromarray(smooth).resize(out_shape[::-1], pil)).astype(int)
         assert np.abs(resize(smooth, out_shape, kernel).astype(int) - pillow_uint8).max() <= 1
 
 
-def test_filter_rows_sum_to_one_and_are_cached():
+def test_filter_rows_are_fixed_point_sum_to_one_and_are_cached():
     weights = filter_matrix(768, 64, "lanczos")
-    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-6)
+    units = weights * 2**WEIGHT_BITS
+    np.testing.assert_array_equal(units, np.rint(units))  # multiples of 2**-WEIGHT_BITS
+    np.testing.assert_array_equal(weights.sum(axis=1), 1.0)  # exactly
     assert filter_matrix(768, 64, "lanczos") is weights and not weights.flags.writeable
+
+
+RESIZE_BYTES = """
+import hashlib, sys
+import numpy as np
+from multifusion.data.resample import resize
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(192, 192), (233, 233), (384, 512)] * 20]
+sys.stdout.write(hashlib.sha256(b"".join(resize(im, (64, 64)).tobytes() for im in images)).hexdigest())
+"""
+
+
+@pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else True,
+                    reason="OpenBLAS's SkylakeX kernels need a CPU with AVX-512")
+def test_resize_is_the_same_under_every_blas_kernel():
+    """The regression: in float32, OpenBLAS's Haswell and SkylakeX kernels summed in other orders
+    and gave another data/prepared from the same files (dvc.lock changed with the machine)."""
+    outputs = {coretype: subprocess.run([sys.executable, "-c", RESIZE_BYTES], capture_output=True, text=True, check=True,
+                                        env={**os.environ, "OPENBLAS_CORETYPE": coretype, "OMP_NUM_THREADS": "1"}).stdout
+               for coretype in ("Haswell", "SkylakeX")}
+    assert outputs["Haswell"] == outputs["SkylakeX"]
 
 
 def test_perceptual_hash_is_the_dct_of_the_box_average():

@@ -19,11 +19,17 @@ def standardize_grey_levels(images: np.ndarray) -> np.ndarray:
     """uint8 (..., S, S) -> uint8 (..., S, S): each image's grey levels shifted and scaled to
     mean ``GREY_MEAN`` and standard deviation ``GREY_STD``, rounded and clipped to 0-255 (a flat
     image becomes flat ``GREY_MEAN``). The microscope's brightness and contrast settings then no
-    longer show; texture and relative contrast do."""
-    x = np.asarray(images, dtype=np.float64)
-    mean = x.mean(axis=(-2, -1), keepdims=True)  # (..., 1, 1)
-    std = x.std(axis=(-2, -1), keepdims=True)  # (..., 1, 1)
-    scaled = (x - mean) / np.where(std > 0, std, 1.0) * GREY_STD + GREY_MEAN
+    longer show; texture and relative contrast do.
+
+    The mean and spread come from exact integer sums (one rounding each), not from a float
+    reduction whose order a CPU's vector width picks: the same pixels on every machine."""
+    pixels = np.asarray(images, dtype=np.int64)
+    n = pixels.shape[-2] * pixels.shape[-1]
+    total = pixels.sum(axis=(-2, -1), keepdims=True)  # (..., 1, 1), exact
+    squares = (pixels * pixels).sum(axis=(-2, -1), keepdims=True)  # (..., 1, 1), exact
+    mean = total / n
+    std = np.sqrt((squares * n - total * total).astype(np.float64)) / n  # n * variance * n, an exact integer
+    scaled = (pixels - mean) / np.where(std > 0, std, 1.0) * GREY_STD + GREY_MEAN
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 

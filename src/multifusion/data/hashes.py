@@ -47,8 +47,9 @@ DCT_8x32 = _dct_rows(32, 8)  # (8, 32)
 
 @lru_cache(maxsize=16)
 def _hash_projection(in_size: int) -> np.ndarray:
-    """(8, in_size) float32: Pillow's box average to 32 samples, then the 8 lowest DCT rows."""
-    return (DCT_8x32 @ filter_matrix(in_size, 32, "box")).astype(np.float32)
+    """(8, in_size) float64: Pillow's box average to 32 samples, then the 8 lowest DCT rows
+    (float64 so that a BLAS's summation order, which depends on the CPU, cannot move a bit)."""
+    return DCT_8x32 @ filter_matrix(in_size, 32, "box")
 
 
 def perceptual_hash(image: np.ndarray) -> int:
@@ -57,6 +58,6 @@ def perceptual_hash(image: np.ndarray) -> int:
     small shifts. Equals ``scipy.fft.dctn(small, norm="ortho")[:8, :8]`` thresholded,
     ``small`` the 32x32 box average, with the average folded into the DCT matrices."""
     rows, cols = _hash_projection(image.shape[0]), _hash_projection(image.shape[1])  # (8, H), (8, W)
-    low = (rows @ image.astype(np.float32) @ cols.T).ravel()  # (64,)
+    low = (rows @ image.astype(np.float64) @ cols.T).ravel()  # (64,)
     bits = low > np.partition(low[1:], 31)[31]  # the median of the 63 AC terms
     return int(np.packbits(bits).view(">u8")[0])
