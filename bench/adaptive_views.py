@@ -118,23 +118,23 @@ def main() -> None:
         images, labels = np.asarray(prepared.images[idx]), prepared.labels(idx)
         views = view_logits(loaded.model, images, args.batch, args.precision == "bf16")  # (8, N, K)
         reference = views if args.precision == "fp32" else view_logits(loaded.model, images, args.batch)  # fp32 (8, N, K)
-        full = float((reference.mean(0).argmax(1) == labels).mean())
+        reference_right = reference.mean(0).argmax(1) == labels  # (N,) fp32's eight views
+        full = float(reference_right.mean())
         one = float((views[0].argmax(1) == labels).mean())
         rows[split] = {}
         log(f"{split} ({len(labels)} images): 8-view top-1 {full:.4f} (fp32), one view {one:.4f} ({args.precision})")
         if args.precision != "fp32":
             same = views.mean(0).argmax(1)
-            ref = reference.mean(0).argmax(1)
             log(f"  8 views in {args.precision}: top-1 {(same == labels).mean():.4f}; against fp32's eight, images only fp32 / "
-                f"only {args.precision} right: {int(((ref == labels) & (same != labels)).sum())} / "
-                f"{int(((ref != labels) & (same == labels)).sum())}")
+                f"only {args.precision} right: {int((reference_right & (same != labels)).sum())} / "
+                f"{int((~reference_right & (same == labels)).sum())}")
         log(f"  {'threshold':>9} {'top-1':>7} {'vs 8-view':>9} {'8-view share':>12} {'passes':>6}")
         for t in thresholds:
             logits, more = policy(views, T, t, args.first)
             acc = float((logits.argmax(1) == labels).mean())
             rows[split][t] = (acc - full, float(more.mean()))
-            ref = reference.mean(0).argmax(1) == labels
-            lost, gained = int((ref & (logits.argmax(1) != labels)).sum()), int((~ref & (logits.argmax(1) == labels)).sum())
+            right = logits.argmax(1) == labels
+            lost, gained = int((reference_right & ~right).sum()), int((~reference_right & right).sum())
             log(f"  {t:>9.3f} {acc:>7.4f} {acc - full:>+9.4f} {more.mean():>12.3f} {args.first + (8 - args.first) * more.mean():>6.2f}"
                 f"   lost / gained vs 8 views: {lost} / {gained}")
         for t in args.cheaper:
